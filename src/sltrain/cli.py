@@ -1,0 +1,174 @@
+"""The `sltrain` command: `train` a model, account for its `memory` without training.
+
+User errors are printed as one line without a traceback, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from sltrain.config import (
+    RunConfig,
+    flag_table,
+    flatten,
+    load_config,
+    read_config_file,
+    resume_config,
+)
+from sltrain.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = ()) -> None:
+    spellings: dict[str, list[str]] = defaultdict(list)
+    for flag, key in flag_table().items():
+        if not sections or key.split(".")[0] in sections:
+            spellings[key].append(flag)
+    for key, flags in spellings.items():
+        section, field = key.split(".", 1)
+        default = RunConfig.model_fields[section].default_factory().model_dump()[field]  # type: ignore[misc]
+        parser.add_argument(*sorted({f"--{f}" for f in flags}, key=len), dest=key,
+                            default=argparse.SUPPRESS, metavar=field.upper(),
+                            help=f"{key} (default: {default})")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if "." in k}
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def _fmt_count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else str(n)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sltrain.train import train
+
+    overrides = _overrides(args)
+    if args.resume:
+        resume = Path(args.resume)
+        if not resume.exists():
+            raise UserError(f"--resume {resume} does not exist; pass a run folder or checkpoint")
+        run_dir = resume if (resume / "config.json").is_file() else resume.parent.parent
+        if args.config:
+            overrides = {**flatten(read_config_file(Path(args.config))), **overrides}
+        cfg = resume_config(run_dir, overrides)
+        summary = train(cfg, run_dir=run_dir, resume=resume)
+    else:
+        cfg = load_config(args.config, overrides)
+        summary = train(cfg)
+    _print_summary(summary)
+    if summary["status"] != "finished":
+        print(f"{summary['status']} at step {summary['step']}; checkpoint saved in "
+              f"{summary['checkpoint']}; continue with: sltrain train --resume {summary['run_dir']}",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    p, mem = s["params"], s["training_state_bytes"]
+    rows = [
+        ("run", s["run_dir"]),
+        ("status", f"{s['status']} at step {s['step']}/{s['steps']}"),
+        ("validation", f"loss {s['val_loss']:.4f}, perplexity {s['val_ppl']:.2f}"),
+        ("parameters", f"total {_fmt_count(p['total'])}, trainable {_fmt_count(p['trainable'])}, "
+                       f"sparse {_fmt_count(p['sparse'])}"),
+        ("training state", f"{_fmt_bytes(mem['total'])} (weights {_fmt_bytes(mem['weights'])}, "
+                           f"gradients {_fmt_bytes(mem['gradients'])}, optimizer "
+                           f"{_fmt_bytes(mem['optimizer_states'])}, indices "
+                           f"{_fmt_bytes(mem['sparse_indices'])})"),
+        ("peak memory", f"{_fmt_bytes(s['peak_memory_bytes'])} ({s['peak_memory_kind']})"),
+        ("tokens seen", f"{s['tokens_seen']:,} ({s['tok_per_s']:.0f} tokens/s)"),
+        ("wall time", f"{s['wall_time_s']:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from sltrain.measure import count_parameters, estimate_memory
+    from sltrain.measure.memory import DTYPES
+    from sltrain.model import build_model
+
+    cfg = load_config(None, _overrides(args))
+    model = build_model(cfg, device="meta")
+    counts = count_parameters(model)
+    mem = estimate_memory(model, DTYPES[args.dtype], cfg.optimizer.name)
+    report = {"preset": cfg.model.preset, "method": cfg.method.name, "dtype": args.dtype,
+              "optimizer": cfg.optimizer.name, "params": counts, "bytes": mem.to_dict()}
+    if cfg.method.name != "full":
+        report.update(rank=cfg.rank, lora_alpha=cfg.lora_alpha)
+    if cfg.method.name == "sltrain":
+        report["density"] = cfg.density
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    knobs = {"full": "", "lowrank": f" (rank {cfg.rank})",
+             "sltrain": f" (rank {cfg.rank}, alpha {cfg.lora_alpha:g}, density {cfg.density:g})"}
+    print(f"{cfg.model.preset} x {cfg.method.name}{knobs[cfg.method.name]}, "
+          f"{args.dtype} weights and states, {cfg.optimizer.name}")
+    print(f"parameters: total {_fmt_count(counts['total'])} ({counts['total']:,}), "
+          f"trainable {_fmt_count(counts['trainable'])}, sparse values "
+          f"{_fmt_count(counts['sparse'])}")
+    index_dtype = next((b.dtype for n, b in model.named_buffers() if n.endswith("support")), None)
+    rows = [("weights", mem.weights), ("gradients", mem.gradients),
+            ("optimizer states", mem.optimizer_states),
+            ("sparse indices" + (f" ({_dtype_name(index_dtype)})" if index_dtype else ""),
+             mem.sparse_indices),
+            ("total", mem.total)]
+    for name, n in rows:
+        print(f"  {name:<24} {_fmt_bytes(n):>12}   {n:>16,} B")
+    return 0
+
+
+def _dtype_name(dtype: object) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sltrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="pretrain a model on a corpus")
+    p.add_argument("--config", help="a .toml/.yaml/.json config file; flags override it")
+    p.add_argument("--resume", help="a run folder (newest checkpoint) or a checkpoint folder")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("memory", help="parameter count and training-state bytes, without training")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                   help="storage dtype of weights, gradients and optimizer states")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_config_flags(p, sections=("model", "method", "optimizer"))
+    p.set_defaults(func=cmd_memory)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as e:
+        print(f"sltrain: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sltrain: interrupted", file=sys.stderr)
+        return 130
+

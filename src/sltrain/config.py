@@ -1,0 +1,302 @@
+"""Typed run configuration: model presets, sections, loading a file plus command-line overrides.
+
+One `RunConfig` drives a run (torchtitan-style); every field can be set in a TOML/YAML file or as a
+flag, and every bad value is reported as one line naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sltrain.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A LLaMA size with the SLTrain defaults the paper uses for it."""
+
+    dim: int
+    ffn_dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    rank: int
+    lora_alpha: float
+    density: float
+
+
+# Paper sizes follow REFERENCE.md §1 (60M-7B) and the GaLore configs (9M-40M, rank = dim / 4).
+# `llama-cpu` is the llama-20m shape with an 8k vocabulary: small enough to pretrain on a
+# 2-core CPU in minutes.
+PRESETS: dict[str, Preset] = {
+    "llama-cpu": Preset(256, 688, 4, 4, 8192, 64, 32, 0.03),
+    "llama-9m": Preset(128, 352, 4, 4, 32000, 32, 32, 0.03),
+    "llama-20m": Preset(256, 688, 4, 4, 32000, 64, 32, 0.03),
+    "llama-35m": Preset(384, 1024, 6, 8, 32000, 96, 32, 0.03),
+    "llama-40m": Preset(416, 1024, 8, 8, 32000, 104, 32, 0.03),
+    "llama-60m": Preset(512, 1376, 8, 8, 32000, 128, 32, 0.03),
+    "llama-130m": Preset(768, 2048, 12, 12, 32000, 256, 16, 0.03),
+    "llama-350m": Preset(1024, 2736, 24, 16, 32000, 256, 16, 0.03),
+    "llama-1b": Preset(2048, 5461, 24, 32, 32000, 512, 8, 0.03),
+    "llama-7b": Preset(4096, 11008, 32, 32, 32000, 1024, 8, 0.05),
+}
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class ModelConfig(_Section):
+    preset: str = "llama-cpu"
+    dim: int | None = Field(None, gt=0)
+    ffn_dim: int | None = Field(None, gt=0)
+    n_layers: int | None = Field(None, gt=0)
+    n_heads: int | None = Field(None, gt=0)
+    vocab_size: int | None = Field(None, gt=1)
+    norm_eps: float = Field(1e-6, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    init_std: float = Field(0.02, gt=0)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset; choose one of {', '.join(PRESETS)}")
+        return v
+
+
+class MethodConfig(_Section):
+    name: Literal["full", "lowrank", "sltrain"] = "sltrain"
+    rank: int | None = Field(None, gt=0)
+    lora_alpha: float | None = Field(None, gt=0)
+    density: float | None = Field(None, gt=0, le=1, alias="sp_ratio")
+    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _split_targets(cls, v: Any) -> Any:
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+
+class DataConfig(_Section):
+    source: str = "embedded"
+    text_field: str = "text"
+    seq_len: int = Field(128, gt=1)
+    val_fraction: float = Field(0.05, gt=0, lt=0.5)
+
+
+class OptimizerConfig(_Section):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class ScheduleConfig(_Section):
+    name: Literal["cosine"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(300, gt=0)
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    eval_every: int = Field(100, ge=0)
+    eval_batches: int = Field(16, gt=0)
+    save_every: int = Field(0, ge=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(10, gt=0)
+    seed: int = 0
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    out_dir: str | None = None
+    progress: bool = True
+
+
+class RunConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def preset(self) -> Preset:
+        return PRESETS[self.model.preset]
+
+    @property
+    def rank(self) -> int:
+        return self.method.rank if self.method.rank is not None else self.preset.rank
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.method.lora_alpha if self.method.lora_alpha is not None else self.preset.lora_alpha
+
+    @property
+    def density(self) -> float:
+        return self.method.density if self.method.density is not None else self.preset.density
+
+    @property
+    def warmup_steps(self) -> int:
+        s = self.schedule
+        return s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * self.train.steps)
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.train
+        return t.batch_size * t.grad_accum * self.data.seq_len
+
+    def model_dims(self) -> dict[str, Any]:
+        """The decoder's shape: the preset with any per-field overrides applied."""
+        m, p = self.model, self.preset
+        return dict(
+            dim=m.dim or p.dim,
+            ffn_dim=m.ffn_dim or p.ffn_dim,
+            n_layers=m.n_layers or p.n_layers,
+            n_heads=m.n_heads or p.n_heads,
+            vocab_size=m.vocab_size or p.vocab_size,
+            max_seq_len=self.data.seq_len,
+            norm_eps=m.norm_eps,
+            rope_theta=m.rope_theta,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=False)
+
+
+# ---- flags ------------------------------------------------------------------------------------
+# Each field gets `--section.field`; field names are unique across sections, so each also gets a
+# bare `--field`. The "what is it" field of a section is spelled as the section (`--method`).
+_SECTION_KEY = {"name", "preset", "source"}
+_EXTRA_ALIASES = {"method.density": ["sp_ratio"]}
+
+
+def flag_table() -> dict[str, str]:
+    """Map every accepted flag spelling (without dashes) to its dotted config key."""
+    table: dict[str, str] = {}
+    for section, info in RunConfig.model_fields.items():
+        for field in info.annotation.model_fields:  # type: ignore[union-attr]
+            key = f"{section}.{field}"
+            bare = section if field in _SECTION_KEY else field
+            for name in [key, bare, *_EXTRA_ALIASES.get(key, [])]:
+                table[name] = key
+                table[name.replace("_", "-")] = key
+    return table
+
+
+def flag_for(key: str) -> str:
+    section, field = key.split(".", 1)
+    return "--" + (section if field in _SECTION_KEY else field).replace("_", "-")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass an existing .toml or .yaml file")
+    try:
+        text = path.read_text()
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise UserError(f"config file {path} has an unknown type; use .toml, .yaml or .json")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0]
+        raise UserError(f"config file {path} cannot be parsed ({first}); fix its syntax") from e
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a table of sections, e.g. [train]")
+    return data
+
+
+def _set(tree: dict[str, Any], key: str, value: Any) -> None:
+    section, field = key.split(".", 1)
+    tree.setdefault(section, {})
+    if not isinstance(tree[section], dict):
+        raise UserError(f"config section [{section}] must be a table, not {tree[section]!r}")
+    tree[section][field] = value
+
+
+def build_config(tree: dict[str, Any]) -> RunConfig:
+    """Validate a nested dict into a RunConfig, turning the first problem into a UserError."""
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise UserError(
+                f"unknown config key '{loc}'; see `sltrain train --help` for the valid keys"
+            ) from None
+        msg = err["msg"].removeprefix("Value error, ")
+        hint = f" or {flag_for(loc)}" if loc.count(".") == 1 else ""
+        raise UserError(
+            f"invalid config value {loc} = {err.get('input')!r}: {msg}; "
+            f"fix it in the config file{hint}"
+        ) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a config file (TOML, YAML or JSON; optional) and apply dotted-key overrides."""
+    tree = read_config_file(Path(path)) if path else {}
+    for key, value in (overrides or {}).items():
+        _set(tree, key, value)
+    return build_config(tree)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"steps": 5}} -> {"train.steps": 5}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+# Sections and keys whose change makes a run's checkpoints meaningless for the new config.
+RESUME_LOCKED = ("model.", "method.", "data.", "train.batch_size", "train.grad_accum", "train.seed")
+
+
+def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
+    """The saved config of `run_dir` with `overrides` on top, refusing incompatible changes."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.json); pass the folder of a run")
+    saved = json.loads(path.read_text())
+    saved.pop("derived", None)
+    flat = flatten(saved)
+    clashes = [
+        f"{k} ({flat.get(k)!r} -> {v!r})"
+        for k, v in overrides.items()
+        if k.startswith(RESUME_LOCKED) and str(flat.get(k)) != str(v)
+    ]
+    if clashes:
+        raise UserError(
+            f"cannot resume {run_dir} with a different {', '.join(clashes)}; drop these "
+            "overrides or start a new run with another --out-dir"
+        )
+    for k, v in overrides.items():
+        _set(saved, k, v)
+    return build_config(saved)

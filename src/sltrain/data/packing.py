@@ -1,0 +1,73 @@
+"""Packing token streams into fixed-length blocks, and a resumable sampler over them.
+
+Documents are joined with an EOS token after each, then cut into blocks of seq_len + 1 tokens
+that overlap by one token (inputs and next-token targets), as in nanoGPT.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sltrain.errors import UserError
+
+
+def pack(token_lists: list[list[int]], eos: int, vocab_size: int) -> np.ndarray:
+    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    total = sum(len(t) + 1 for t in token_lists)
+    out = np.empty(total, dtype=dtype)
+    pos = 0
+    for tokens in token_lists:
+        out[pos : pos + len(tokens)] = tokens
+        out[pos + len(tokens)] = eos
+        pos += len(tokens) + 1
+    return out
+
+
+class Blocks:
+    """View of a packed stream as `len(self)` blocks of (input, target) sequences."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def batch(self, indices: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.seq_len
+        rows = np.stack([self.tokens[i * T : i * T + T + 1] for i in indices]).astype(np.int64)
+        rows_t = torch.from_numpy(rows)
+        return rows_t[:, :-1], rows_t[:, 1:]
+
+
+class BlockSampler:
+    """Random batches of blocks, a new permutation each epoch; its position is checkpointed."""
+
+    def __init__(self, blocks: Blocks, batch_size: int, seed: int, split: str = "train"):
+        if len(blocks) < batch_size:
+            raise UserError(
+                f"the {split} split has {len(blocks)} blocks of {blocks.seq_len + 1} tokens, fewer "
+                f"than one batch of {batch_size}; lower --batch-size or --seq-len, or add data"
+            )
+        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(len(self.blocks), generator=g)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position + self.batch_size > len(self.blocks):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._perm = self._permutation()
+        idx = self._perm[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return self.blocks.batch(idx.tolist())
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+        self._perm = self._permutation()

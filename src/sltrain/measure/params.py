@@ -1,0 +1,17 @@
+"""Parameter counts of a (possibly meta-device) model: total, trainable, sparse values, indices."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sltrain.parametrize.sltrain import SparseLowRankLinear
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    sparse = [m for m in model.modules() if isinstance(m, SparseLowRankLinear)]
+    return {
+        "total": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "sparse": sum(m.values.numel() for m in sparse),
+        "sparse_indices": sum(m.support.numel() for m in sparse),
+    }

@@ -1,0 +1,60 @@
+"""The low-rank layer: W = B @ A trained from scratch, both factors random.
+
+The "Low-rank" baseline of "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+Projection" (Zhao et al., 2024) and of the SLTrain paper.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LowRankLinear(nn.Module):
+    """A bias-free linear layer whose weight is B @ A (A: rank x in, B: out x rank)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Both factors uniform with bound 1/sqrt(fan_in): neither is zero, so B @ A starts at
+        # full rank-r signal with entries of std ~ 1 / (3 sqrt(in)).
+        if self.A.is_meta:
+            return
+        nn.init.uniform_(self.A, -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
+        nn.init.uniform_(self.B, -1 / math.sqrt(self.rank), 1 / math.sqrt(self.rank))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, **_: object) -> LowRankLinear:
+        w = linear.weight
+        return cls(linear.in_features, linear.out_features, rank, device=w.device, dtype=w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.A), self.B)
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        return self.B @ self.A
+
+    def merged(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=False,
+                           device=self.A.device, dtype=self.A.dtype)
+        linear.weight.data.copy_(self.dense_weight())
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"

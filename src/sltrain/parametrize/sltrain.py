@@ -1,0 +1,131 @@
+"""The SLTrain layer: W = s * B @ A + S, with S sparse on a random support fixed at init.
+
+Implements "SLTrain: a sparse plus low-rank approach for parameter and memory efficient
+pretraining" (Han et al., NeurIPS 2024, arXiv 2406.02214).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def compose_weight(
+    A: torch.Tensor, B: torch.Tensor, values: torch.Tensor, support: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """The dense (out, in) weight s * B @ A + scatter(values at support)."""
+    weight = torch.mm(B, A).mul_(scaling)
+    weight.view(-1).index_add_(0, support, values)
+    return weight
+
+
+class _SparseLowRankMatmul(torch.autograd.Function):
+    """y = x W^T without keeping W for backward: it is recomputed from the factors there.
+
+    The dense weight gradient G = dY^T X is what a dense layer computes anyway; the trainable
+    parameters read their gradients off it: dB = s G A^T, dA = s B^T G, dvalues = G at support.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, values, support, scaling, dtype):  # type: ignore[override]
+        x = x.to(dtype)
+        weight = compose_weight(A, B, values, support, scaling).to(dtype)
+        ctx.save_for_backward(x, A, B, values, support)
+        ctx.scaling = scaling
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, A, B, values, support = ctx.saved_tensors
+        s, dtype = ctx.scaling, grad_out.dtype
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight = compose_weight(A, B, values, support, s).to(dtype)
+            grad_x = (g @ weight).view(x.shape)
+        G = g.t() @ x.reshape(-1, x.shape[-1])
+        grad_values = G.view(-1).index_select(0, support).to(values.dtype)
+        grad_B = (G @ A.to(dtype).t()).mul_(s).to(B.dtype)
+        grad_A = (B.to(dtype).t() @ G).mul_(s).to(A.dtype)
+        return grad_x, grad_A, grad_B, grad_values, None, None, None
+
+
+class SparseLowRankLinear(nn.Module):
+    """A bias-free linear layer whose weight is s * B @ A + S (S: `values` at `support`).
+
+    `support` holds the flat indices (row * in_features + col) of S's non-zeros, sorted, drawn
+    uniformly without replacement from a generator seeded by `seed`, so that the same seed gives
+    the same support on every process. It is a persistent buffer: saved and restored with the
+    weights, never trained. It is int32 wherever the matrix has fewer than 2^31 entries.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        lora_alpha: float,
+        density: float,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.lora_alpha, self.density = rank, lora_alpha, density
+        self.scaling = lora_alpha / rank
+        self.seed = seed
+        numel = in_features * out_features
+        nnz = max(1, round(density * numel))
+        index_dtype = torch.int32 if numel < 2**31 else torch.int64
+        kw = dict(device=device, dtype=dtype)
+        self.A = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.B = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.values = nn.Parameter(torch.empty(nnz, **kw))
+        self.register_buffer("support", torch.empty(nnz, dtype=index_dtype, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.A.is_meta:
+            return
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.A, -bound, bound)
+        nn.init.zeros_(self.B)
+        nn.init.uniform_(self.values, -bound, bound)
+        g = torch.Generator().manual_seed(self.seed)
+        numel = self.in_features * self.out_features
+        picked = torch.randperm(numel, generator=g)[: self.values.numel()].sort().values
+        self.support.copy_(picked.to(self.support.dtype))
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, rank: int, lora_alpha: float, density: float, seed: int
+    ) -> SparseLowRankLinear:
+        w = linear.weight
+        return cls(linear.in_features, linear.out_features, rank, lora_alpha, density, seed,
+                   device=w.device, dtype=w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            return _SparseLowRankMatmul.apply(
+                x, self.A, self.B, self.values, self.support, self.scaling, dtype
+            )
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        return compose_weight(self.A, self.B, self.values, self.support, self.scaling)
+
+    def merged(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=False,
+                           device=self.A.device, dtype=self.A.dtype)
+        linear.weight.data.copy_(self.dense_weight())
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+                f"alpha={self.lora_alpha}, density={self.density}, nnz={self.values.numel()}")

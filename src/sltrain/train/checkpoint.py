@@ -1,0 +1,87 @@
+"""Checkpoints: model weights (with the SLTrain support) as safetensors, the rest as a torch file.
+
+A checkpoint is a folder `step_NNNNNNN/` written under a temporary name and renamed into place,
+so a folder with the final name is always complete; only the newest `keep` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sltrain.errors import UserError
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "training_state.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], meta: dict[str, Any],
+    keep: int,
+) -> Path:
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp_step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(tmp / MODEL_FILE), metadata={"sltrain": json.dumps(meta)})
+    torch.save(state, tmp / STATE_FILE)
+    for f in tmp.iterdir():
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
+
+
+def find_checkpoint(path: Path) -> Path:
+    """`path` itself if it is a checkpoint folder, else the newest checkpoint of a run folder."""
+    if (path / MODEL_FILE).is_file():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise UserError(f"no checkpoint in {path}; pass a run folder with checkpoints/ or a step_* folder")
+    return found[-1]
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module) -> dict[str, Any]:
+    """Load weights (support included) into `model`; return the training state."""
+    try:
+        tensors = load_file(str(ckpt / MODEL_FILE))
+        model.load_state_dict(tensors, strict=True)
+        return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise UserError(f"checkpoint {ckpt} is incomplete ({e.filename} missing); "
+                        "resume from an earlier checkpoint") from None
+    except (RuntimeError, OSError) as e:
+        first = str(e).splitlines()[0]
+        raise UserError(f"checkpoint {ckpt} cannot be loaded ({first}); it is damaged or from a "
+                        "different model config") from None

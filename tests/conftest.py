@@ -1,0 +1,36 @@
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from sltrain.data.corpus import embedded_path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep tokenizers and token files of the tests out of the user's cache."""
+    os.environ["SLTRAIN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """A JSON-lines corpus of 12 documents cut from the embedded corpus (~240 KB)."""
+    with gzip.open(embedded_path(), "rt") as f:
+        docs = [json.loads(line) for line in f][:12]
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    path.write_text("".join(json.dumps({"id": d["id"], "text": d["text"][:20_000]}) + "\n" for d in docs))
+    return path
+
+
+@pytest.fixture
+def tiny(small_corpus, tmp_path) -> dict:
+    """Overrides for a model and run small enough to train in seconds on one CPU core."""
+    return {
+        "model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "model.ffn_dim": 128,
+        "model.vocab_size": 512, "method.rank": 16, "data.source": str(small_corpus),
+        "data.seq_len": 32, "train.batch_size": 8, "train.steps": 20, "train.eval_every": 10,
+        "train.eval_batches": 4, "train.progress": False, "train.out_dir": str(tmp_path / "run"),
+        "optimizer.lr": 3e-3,
+    }

@@ -1,0 +1,95 @@
+"""The command line as a user meets it: bad input gives one line, no traceback, exit 2."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from sltrain.data.corpus import embedded_path
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sltrain", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("sltrain: error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def tiny_flags(tmp_path, data):
+    return ["--dim", "64", "--n-layers", "2", "--n-heads", "4", "--ffn-dim", "128",
+            "--vocab-size", "512", "--rank", "16", "--data", str(data), "--seq-len", "32",
+            "--batch-size", "8", "--eval-batches", "2", "--progress", "false",
+            "--out-dir", str(tmp_path / "run")]
+
+
+@pytest.mark.parametrize(
+    "flags,needles",
+    [
+        (["--model", "llama-3m"], ["model.preset", "llama-60m"]),
+        (["--rank", "0"], ["method.rank", "greater than 0", "--rank"]),
+        (["--rank", "-3"], ["method.rank"]),
+        (["--rank", "300"], ["rank 300 is impossible", "1..256"]),
+        (["--density", "0"], ["method.density", "--density"]),
+        (["--sp-ratio", "1.5"], ["method.density"]),
+        (["--steps", "ten"], ["train.steps", "integer"]),
+        (["--lr", "-1"], ["optimizer.lr"]),
+        (["--no-such-flag", "1"], ["unrecognized arguments"]),
+    ],
+)
+def test_bad_values(tmp_path, flags, needles):
+    assert_one_line_error(run("train", "--out-dir", str(tmp_path / "r"), *flags), *needles)
+
+
+def test_missing_and_empty_data_files(tmp_path):
+    assert_one_line_error(run("train", "--data", str(tmp_path / "none.jsonl")), "does not exist")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert_one_line_error(run("train", "--data", str(empty)), "holds no text")
+
+
+def test_corrupt_corpus_checksum(tmp_path):
+    corrupt = tmp_path / "corpus.jsonl.gz"
+    data = bytearray(embedded_path().read_bytes())
+    data[-100] ^= 0x01
+    corrupt.write_bytes(bytes(data))
+    shutil.copy(str(embedded_path()) + ".sha256", str(corrupt) + ".sha256")
+    assert_one_line_error(run("train", "--data", str(corrupt)), "corrupt", "sha256")
+
+
+def test_bad_config_files(tmp_path):
+    assert_one_line_error(run("train", "--config", str(tmp_path / "x.toml")), "does not exist")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps = 3")
+    assert_one_line_error(run("train", "--config", str(bad)), "cannot be parsed")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train:\n  stepz: 3\n")
+    assert_one_line_error(run("train", "--config", str(unknown)), "unknown config key 'train.stepz'")
+
+
+def test_train_from_config_file_then_resume_from_checkpoint(tmp_path, small_corpus):
+    config = tmp_path / "run.toml"
+    config.write_text('[method]\nname = "sltrain"\n[train]\nsteps = 6\nsave_every = 3\n'
+                      "eval_every = 3\n")
+    proc = run("train", "--config", str(config), *tiny_flags(tmp_path, small_corpus))
+    assert proc.returncode == 0, proc.stderr
+    assert "perplexity" in proc.stdout and "sparse" in proc.stdout
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 6 and summary["method"] == "sltrain"
+    # continue the finished run for 4 more steps from its newest checkpoint
+    proc = run("train", "--resume", str(run_dir), "--steps", "10", "--progress", "false")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 10
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+    assert_one_line_error(run("train", "--resume", str(run_dir), "--rank", "8"), "method.rank")

@@ -1,0 +1,37 @@
+import json
+import subprocess
+import sys
+
+import torch
+
+from sltrain.config import load_config
+from sltrain.measure import estimate_memory, measure_memory
+from sltrain.model import build_model
+
+
+def test_estimate_equals_live_tensors_after_a_step():
+    for method in ("full", "lowrank", "sltrain"):
+        cfg = load_config(None, {"model.preset": "llama-9m", "model.vocab_size": 200,
+                                 "method.name": method, "data.seq_len": 16})
+        model = build_model(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model(torch.randint(0, 200, (2, 16))).sum().backward()
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+        opt.step()
+        live = measure_memory(model, opt)
+        assert live == estimate_memory(model, torch.float32)
+        assert live.gradients == grads
+        meta = estimate_memory(build_model(cfg, device="meta"), torch.float32)
+        assert meta == live
+
+
+def test_memory_command_reports_published_count_and_int32_indices():
+    out = subprocess.run(
+        [sys.executable, "-m", "sltrain", "memory", "--model", "llama-1b", "--method", "sltrain",
+         "--json"], capture_output=True, text=True, check=True,
+    ).stdout
+    report = json.loads(out)
+    assert round(report["params"]["total"] / 1e6, 1) == 645.5
+    nnz = report["params"]["sparse_indices"]
+    assert report["bytes"]["sparse_indices"] == 4 * nnz  # int32: half the published int64 code
+    assert report["bytes"]["weights"] == 2 * report["params"]["total"]  # bfloat16 by default
