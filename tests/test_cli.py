@@ -93,3 +93,15 @@ def test_train_from_config_file_then_resume_from_checkpoint(tmp_path, small_corp
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))
     assert_one_line_error(run("train", "--resume", str(run_dir), "--rank", "8"), "method.rank")
+
+
+def test_example_config_is_the_default_run():
+    from pathlib import Path
+
+    from sltrain.config import RunConfig, load_config
+
+    example = Path(__file__).resolve().parents[1] / "configs" / "sltrain-cpu.toml"
+    cfg = load_config(example)
+    default = RunConfig()
+    assert cfg.to_dict() == {**default.to_dict(), "method": cfg.method.model_dump()}
+    assert (cfg.rank, cfg.lora_alpha, cfg.density) == (default.rank, default.lora_alpha, default.density)

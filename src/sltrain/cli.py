@@ -36,7 +36,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]
     for key, flags in spellings.items():
         section, field = key.split(".", 1)
         default = RunConfig.model_fields[section].default_factory().model_dump()[field]  # type: ignore[misc]
-        parser.add_argument(*sorted({f"--{f}" for f in flags}, key=len), dest=key,
+        parser.add_argument(*sorted({f"--{f}" for f in flags}, key=lambda f: (len(f), "_" in f)), dest=key,
                             default=argparse.SUPPRESS, metavar=field.upper(),
                             help=f"{key} (default: {default})")
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from sltrain.errors import UserError
+from sltrain.parametrize.base import FactoredLinear
 from sltrain.parametrize.lowrank import LowRankLinear
 from sltrain.parametrize.sltrain import SparseLowRankLinear
 
@@ -84,8 +85,7 @@ def apply(model: nn.Module, spec: ParamSpec) -> nn.Module:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every re-parameterised layer back into a dense nn.Linear, in place."""
-    factored = tuple(c for c in METHODS.values() if c is not None)
     for name, module in list(model.named_modules()):
-        if isinstance(module, factored):
-            _replace(model, name, module.merged())  # type: ignore[operator]
+        if isinstance(module, FactoredLinear):
+            _replace(model, name, module.merged())
     return model

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sltrain.parametrize.base import FactoredLinear
 
-class LowRankLinear(nn.Module):
+
+class LowRankLinear(FactoredLinear):
     """A bias-free linear layer whose weight is B @ A (A: rank x in, B: out x rank)."""
 
     def __init__(
@@ -49,12 +51,6 @@ class LowRankLinear(nn.Module):
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         return self.B @ self.A
-
-    def merged(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=False,
-                           device=self.A.device, dtype=self.A.dtype)
-        linear.weight.data.copy_(self.dense_weight())
-        return linear
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"

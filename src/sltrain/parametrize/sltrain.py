@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sltrain.parametrize.base import FactoredLinear
+
 
 def compose_weight(
     A: torch.Tensor, B: torch.Tensor, values: torch.Tensor, support: torch.Tensor, scaling: float
@@ -53,7 +55,7 @@ class _SparseLowRankMatmul(torch.autograd.Function):
         return grad_x, grad_A, grad_B, grad_values, None, None, None
 
 
-class SparseLowRankLinear(nn.Module):
+class SparseLowRankLinear(FactoredLinear):
     """A bias-free linear layer whose weight is s * B @ A + S (S: `values` at `support`).
 
     `support` holds the flat indices (row * in_features + col) of S's non-zeros, sorted, drawn
@@ -119,12 +121,6 @@ class SparseLowRankLinear(nn.Module):
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         return compose_weight(self.A, self.B, self.values, self.support, self.scaling)
-
-    def merged(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=False,
-                           device=self.A.device, dtype=self.A.dtype)
-        linear.weight.data.copy_(self.dense_weight())
-        return linear
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "

@@ -1,0 +1,51 @@
+"""The README's quick comparison: the same tokens with each parameterisation, one after another.
+
+Runs `sltrain train --method M` for each method with otherwise identical settings (default preset
+and corpus unless flags say otherwise), then prints validation perplexity, parameters, training
+state and throughput relative to `full`. A method whose run folder already has a summary.json is
+not run again.
+
+    python benchmarks/compare_methods.py                     # writes runs/compare/<method>/
+    python benchmarks/compare_methods.py -- --steps 600      # extra flags go to `sltrain train`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", nargs="+", default=["full", "lowrank", "sltrain"])
+    ap.add_argument("--out", type=Path, default=Path("runs/compare"))
+    ap.add_argument("train_flags", nargs=argparse.REMAINDER, help="flags for `sltrain train`")
+    args = ap.parse_args()
+    extra = [f for f in args.train_flags if f != "--"]
+
+    summaries = {}
+    for method in args.methods:
+        run_dir = args.out / method
+        if not (run_dir / "summary.json").is_file():
+            cmd = [sys.executable, "-m", "sltrain", "train", "--method", method,
+                   "--out-dir", str(run_dir), "--progress", "false", *extra]
+            print("$ " + " ".join(cmd[1:]), file=sys.stderr)
+            subprocess.run(cmd, check=True)
+        summaries[method] = json.loads((run_dir / "summary.json").read_text())
+
+    ref = summaries.get("full", next(iter(summaries.values())))
+    print(f"\n{ref['preset']}, {ref['tokens_seen']:,} training tokens per run\n")
+    print("| method | val loss | val perplexity | params | training state | tokens/s vs full |")
+    print("|---|---|---|---|---|---|")
+    for method, s in summaries.items():
+        print(f"| {method} | {s['val_loss']:.3f} | {s['val_ppl']:.1f} | "
+              f"{s['params']['total'] / 1e6:.2f}M | "
+              f"{s['training_state_bytes']['total'] / 1e6:.1f} MB | "
+              f"{s['tok_per_s'] / ref['tok_per_s']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
