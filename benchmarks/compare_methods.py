@@ -2,7 +2,8 @@
 
 Runs `sltrain train --method M` for each method with otherwise identical settings (default preset
 and corpus unless flags say otherwise), then prints validation perplexity, parameters, training
-state and throughput relative to `full`. A method whose run folder already has a summary.json is
+state. Speed is measured by step_time.py, not here: runs one after another on a shared
+machine are too noisy to compare throughput. A method whose run folder already has a summary.json is
 not run again.
 
     python benchmarks/compare_methods.py                     # writes runs/compare/<method>/
@@ -38,13 +39,12 @@ def main() -> None:
 
     ref = summaries.get("full", next(iter(summaries.values())))
     print(f"\n{ref['preset']}, {ref['tokens_seen']:,} training tokens per run\n")
-    print("| method | val loss | val perplexity | params | training state | tokens/s vs full |")
-    print("|---|---|---|---|---|---|")
+    print("| method | val loss | val perplexity | params | training state |")
+    print("|---|---|---|---|---|")
     for method, s in summaries.items():
         print(f"| {method} | {s['val_loss']:.3f} | {s['val_ppl']:.1f} | "
               f"{s['params']['total'] / 1e6:.2f}M | "
-              f"{s['training_state_bytes']['total'] / 1e6:.1f} MB | "
-              f"{s['tok_per_s'] / ref['tok_per_s']:.2f}x |")
+              f"{s['training_state_bytes']['total'] / 1e6:.1f} MB |")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def tiny_flags(tmp_path, data):
 )
 def test_bad_values(tmp_path, flags, needles):
     assert_one_line_error(run("train", "--out-dir", str(tmp_path / "r"), *flags), *needles)
+    assert not (tmp_path / "r").exists()  # nothing is left behind by a run that never started
 
 
 def test_missing_and_empty_data_files(tmp_path):

@@ -68,7 +68,6 @@ def new_run_dir(cfg: RunConfig) -> Path:
             f"run folder {run_dir} already holds checkpoints; continue it with --resume {run_dir} "
             "or pass another --out-dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -127,13 +126,13 @@ def train(
     ckpt = find_checkpoint(resume) if resume else None
     if run_dir is None:
         run_dir = ckpt.parent.parent if ckpt else new_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(tc.seed)
     model = build_model(cfg)  # validates rank/density against the shapes before any data work
     vocab = cfg.model_dims()["vocab_size"]
     tokenizer_file = run_dir / "tokenizer.json"
     data = prepare(cfg.data, vocab, tokenizer_file if ckpt else None)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs have proven valid
     data.tokenizer.save(str(tokenizer_file))
     derived = {"rank": cfg.rank, "lora_alpha": cfg.lora_alpha, "density": cfg.density,
                "warmup_steps": cfg.warmup_steps, "tokens_per_step": cfg.tokens_per_step}
