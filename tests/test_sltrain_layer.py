@@ -110,3 +110,20 @@ def test_bf16_autocast_close_to_float32():
     y.float().sum().backward()
     assert layer.values.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
     torch.testing.assert_close(y.float(), layer(x), rtol=0.05, atol=0.05)
+
+
+def test_dense_weight_is_not_kept_for_backward():
+    """Only x, A, B, values and the support are saved; W (out x in) is recomputed in backward."""
+    layer = SparseLowRankLinear(48, 40, rank=4, lora_alpha=8, density=0.1)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(torch.randn(6, 48, requires_grad=True))
+    assert (40, 48) not in saved and (48, 40) not in saved
+    assert sorted(saved) == sorted([(6, 48), (4, 48), (40, 4), (192,), (192,)])
+    y.sum().backward()
+    assert layer.values.grad.shape == (192,)
