@@ -23,6 +23,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["full", "lowrank", "sltrain"])
     ap.add_argument("--out", type=Path, default=Path("runs/compare"))
+    ap.add_argument("--results", type=Path, help="JSON of the per-method summaries "
+                    "(default: benchmarks/results/<name of --out>.json)")
     ap.add_argument("train_flags", nargs=argparse.REMAINDER, help="flags for `sltrain train`")
     args = ap.parse_args()
     extra = [f for f in args.train_flags if f != "--"]
@@ -36,6 +38,13 @@ def main() -> None:
             print("$ " + " ".join(cmd[1:]), file=sys.stderr)
             subprocess.run(cmd, check=True)
         summaries[method] = json.loads((run_dir / "summary.json").read_text())
+
+    results = args.results or Path(__file__).parent / "results" / f"{args.out.name}.json"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    keep = ("method", "preset", "step", "tokens_seen", "val_loss", "val_ppl", "params",
+            "training_state_bytes")
+    results.write_text(json.dumps({"train_flags": extra, "runs": [
+        {k: s[k] for k in keep} for s in summaries.values()]}, indent=2))
 
     ref = summaries.get("full", next(iter(summaries.values())))
     print(f"\n{ref['preset']}, {ref['tokens_seen']:,} training tokens per run\n")
