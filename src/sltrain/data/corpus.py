@@ -44,7 +44,8 @@ def verify_checksum(path: Path) -> str | None:
     record = path.with_name(path.name + ".sha256")
     if not record.is_file():
         return None
-    expected = record.read_text().split()[0].lower() if record.read_text().strip() else ""
+    recorded = record.read_text().split()
+    expected = recorded[0].lower() if recorded else ""
     actual = sha256_file(path)
     if actual != expected:
         fix = ("reinstall sltrain (pip install --force-reinstall sltrain)" if path == embedded_path()
@@ -111,11 +112,15 @@ def _read_parquet(path: Path, text_field: str) -> list[str]:
         raise UserError(f"data file {path} is not readable Parquet ({e}); replace it") from None
 
 
-def read_documents(source: str, text_field: str = "text") -> list[str]:
-    """All non-empty document texts of a source, in a fixed order."""
+def read_documents(source: str, text_field: str = "text", verify: bool = True) -> list[str]:
+    """All non-empty document texts of a source, in a fixed order.
+
+    `verify=False` skips the checksums, for a caller that has just checked them (`fingerprint`).
+    """
     docs: list[str] = []
     for path in data_files(source):
-        verify_checksum(path)
+        if verify:
+            verify_checksum(path)
         suffix = _suffix(path)
         if suffix == ".txt":
             try:
@@ -133,7 +138,7 @@ def read_documents(source: str, text_field: str = "text") -> list[str]:
 
 
 def fingerprint(source: str, text_field: str) -> str:
-    """A digest of the source's bytes, for caching what is derived from it."""
+    """A digest of the source's bytes, for caching what is derived from it; verifies checksums."""
     h = hashlib.sha256(text_field.encode())
     for path in data_files(source):
         h.update(path.name.encode())
