@@ -117,10 +117,10 @@ class ScheduleConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int = Field(300, gt=0)
+    steps: int = Field(250, gt=0)
     batch_size: int = Field(16, gt=0)
     grad_accum: int = Field(1, gt=0)
-    eval_every: int = Field(100, ge=0)
+    eval_every: int = Field(125, ge=0)
     eval_batches: int = Field(16, gt=0)
     save_every: int = Field(0, ge=0)
     keep_checkpoints: int = Field(2, gt=0)
