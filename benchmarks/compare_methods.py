@@ -1,10 +1,10 @@
 """The README's quick comparison: the same tokens with each parameterisation, one after another.
 
 Runs `sltrain train --method M` for each method with otherwise identical settings (default preset
-and corpus unless flags say otherwise), then prints validation perplexity, parameters, training
-state. Speed is measured by step_time.py, not here: runs one after another on a shared
-machine are too noisy to compare throughput. A method whose run folder already has a summary.json is
-not run again.
+and corpus unless flags say otherwise), then prints validation loss and perplexity, parameters and
+training state, and saves them with each run's own resolved config. A method whose run folder
+already has a summary.json is not run again. Speed is measured by step_time.py, not here: runs one
+after another on a shared machine are too noisy to compare throughput.
 
     python benchmarks/compare_methods.py                     # writes runs/compare/<method>/
     python benchmarks/compare_methods.py -- --steps 600      # extra flags go to `sltrain train`
@@ -29,7 +29,7 @@ def main() -> None:
     args = ap.parse_args()
     extra = [f for f in args.train_flags if f != "--"]
 
-    summaries = {}
+    summaries, configs = {}, {}
     for method in args.methods:
         run_dir = args.out / method
         if not (run_dir / "summary.json").is_file():
@@ -38,13 +38,16 @@ def main() -> None:
             print("$ " + " ".join(cmd[1:]), file=sys.stderr)
             subprocess.run(cmd, check=True)
         summaries[method] = json.loads((run_dir / "summary.json").read_text())
+        configs[method] = json.loads((run_dir / "config.json").read_text())
 
     results = args.results or Path(__file__).parent / "results" / f"{args.out.name}.json"
     results.parent.mkdir(parents=True, exist_ok=True)
     keep = ("method", "preset", "step", "tokens_seen", "val_loss", "val_ppl", "params",
             "training_state_bytes")
-    results.write_text(json.dumps({"train_flags": extra, "runs": [
-        {k: s[k] for k in keep} for s in summaries.values()]}, indent=2))
+    # Each run's own config, not this invocation's flags: a run reused from an earlier call
+    # is labelled by what it actually ran.
+    results.write_text(json.dumps({"runs": [
+        {**{k: s[k] for k in keep}, "config": configs[m]} for m, s in summaries.items()]}, indent=2))
 
     ref = summaries.get("full", next(iter(summaries.values())))
     print(f"\n{ref['preset']}, {ref['tokens_seen']:,} training tokens per run\n")
