@@ -44,7 +44,7 @@ def worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     baseline = _rss_now()
     model = build_model(cfg).to(device)
-    opt = build_optimizer(model, cfg.optimizer)
+    opt = build_optimizer(model, cfg.optimizer, cfg.rank)
     autocast = autocast_for(cfg, device)
     vocab = cfg.model_dims()["vocab_size"]
     g = torch.Generator().manual_seed(0)

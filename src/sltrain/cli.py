@@ -112,7 +112,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     cfg = load_config(None, _overrides(args))
     model = build_model(cfg, device="meta")
     counts = count_parameters(model)
-    mem = estimate_memory(model, DTYPES[args.dtype], cfg.optimizer.name)
+    mem = estimate_memory(model, DTYPES[args.dtype], cfg.optimizer, cfg.rank)
     report = {"preset": cfg.model.preset, "method": cfg.method.name, "dtype": args.dtype,
               "optimizer": cfg.optimizer.name, "params": counts, "bytes": mem.to_dict()}
     if cfg.method.name != "full":

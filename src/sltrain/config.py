@@ -80,11 +80,13 @@ class ModelConfig(_Section):
 
 
 class MethodConfig(_Section):
-    name: Literal["full", "lowrank", "sltrain"] = "sltrain"
+    name: Literal["full", "lowrank", "sltrain", "relora"] = "sltrain"
     rank: int | None = Field(None, gt=0)
     lora_alpha: float | None = Field(None, gt=0)
     density: float | None = Field(None, gt=0, le=1, alias="sp_ratio")
     targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    # ReLoRA: train the dense weights for this many update steps before the factors take over.
+    warm_start_steps: int = Field(0, ge=0)
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -99,14 +101,39 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.05, gt=0, lt=0.5)
 
 
+OPTIMIZER_NAMES = Literal[
+    "adamw", "adam8bit", "galore", "galore8bit", "fira", "frugal",
+    "muon", "normuon", "conda", "auon", "auon_hybrid",
+]
+
+
 class OptimizerConfig(_Section):
-    name: Literal["adamw"] = "adamw"
+    name: OPTIMIZER_NAMES = "adamw"
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0)
+    # Subspace optimizers (galore, fira, frugal, conda): the projection rank defaults to the run's
+    # `rank`; the projector is refreshed every `update_proj_gap` update steps.
+    proj_rank: int | None = Field(None, gt=0)
+    update_proj_gap: int = Field(200, gt=0)
+    galore_scale: float = Field(0.25, gt=0)
+    projector: Literal["svd", "dct"] = "svd"
+    # FRUGAL's state-free optimizer for the part of the gradient outside the subspace.
+    state_free: Literal["signsgd", "sgd"] = "signsgd"
+    state_free_lr_scale: float = Field(1.0, ge=0)
+    # Muon family (orthogonalised momentum on 2-D matrices, AdamW for the rest).
+    momentum: float = Field(0.95, ge=0, lt=1)
+    ns_steps: int = Field(5, gt=0)
+    # Step each parameter as soon as its gradient is complete (post-accumulate-grad hooks).
+    per_layer_updates: bool = False
+    # Update tricks for factored layers, every `reset_every` update steps (0 = never).
+    reset_every: int = Field(0, ge=0)
+    refactor: bool = False
+    reset_momentum: bool = False
+    state_prune: float = Field(0.999, ge=0, le=1)
 
 
 class ScheduleConfig(_Section):
@@ -114,6 +141,9 @@ class ScheduleConfig(_Section):
     warmup_steps: int | None = Field(None, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    # After each reset of the optimizer state (`optimizer.reset_every`, ReLoRA cycles) the rate
+    # ramps up again from zero over this many update steps (the jagged cosine).
+    restart_warmup: int = Field(0, ge=0)
 
 
 class TrainConfig(_Section):

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import resource
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from sltrain.config import OptimizerConfig
 from sltrain.parametrize.sltrain import SparseLowRankLinear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# Optimizer state per trainable element (in the parameters' dtype) and per parameter tensor
-# (in bytes): AdamW keeps exp_avg and exp_avg_sq, plus a float32 scalar step per tensor.
-OPTIMIZER_STATE = {"adamw": (2, 4)}
-
 
 @dataclass
 class MemoryBreakdown:
@@ -45,36 +43,79 @@ def _index_bytes(model: nn.Module) -> int:
     return sum(_bytes(m.support) for m in model.modules() if isinstance(m, SparseLowRankLinear))
 
 
+def _gradient_bytes(trainable: list[torch.Tensor], size: int, per_layer: bool, grad_accum: int) -> int:
+    """Gradients alive at the peak: all of them, except with per-layer updates and no
+    accumulation, where each is freed by its hook before the next one completes."""
+    sizes = [p.numel() * size for p in trainable]
+    if per_layer and grad_accum == 1:
+        return max(sizes, default=0)
+    return sum(sizes)
+
+
 def estimate_memory(
-    model: nn.Module, dtype: torch.dtype = torch.float32, optimizer: str = "adamw"
+    model: nn.Module,
+    dtype: torch.dtype = torch.float32,
+    optimizer: OptimizerConfig | None = None,
+    rank: int = 0,
+    grad_accum: int = 1,
 ) -> MemoryBreakdown:
-    """Training-state bytes of `model` (any device, meta included) stored in `dtype`."""
+    """Training-state bytes of `model` (any device, meta included) stored in `dtype`, with the
+    optimizer `optimizer` describes (AdamW by default). The optimizer is built over the model
+    without allocating any state; each optimizer states its own bytes from the shapes."""
+    from sltrain.optim import build_optimizer
+
+    # Clipping does not change the state; per-layer updates would refuse it.
+    cfg = (optimizer or OptimizerConfig()).model_copy(update={"grad_clip": 0.0})
     size = torch.empty((), dtype=dtype).element_size()
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
-    per_element, per_tensor = OPTIMIZER_STATE[optimizer]
+    opt = build_optimizer(model, cfg, rank, grad_accum)
+    try:
+        states = sum(opt.state_bytes(p, group, size)
+                     for group in opt.param_groups for p in group["params"])
+        states += opt.shared_state_bytes()
+    finally:
+        if hasattr(opt, "remove_hooks"):
+            opt.remove_hooks()
     return MemoryBreakdown(
         weights=sum(p.numel() for p in params) * size,
-        gradients=sum(p.numel() for p in trainable) * size,
-        optimizer_states=sum(p.numel() for p in trainable) * size * per_element
-        + len(trainable) * per_tensor,
+        gradients=_gradient_bytes(trainable, size, cfg.per_layer_updates, grad_accum),
+        optimizer_states=states,
         sparse_indices=_index_bytes(model),
     )
 
 
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def state_dict_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in `optimizer.state_dict()`, each storage counted once (tensors
+    shared between parameters, like bitsandbytes' quantisation maps, are held once)."""
+    seen: dict[tuple[torch.device, int], int] = {}
+    for t in _tensors(optimizer.state_dict()):
+        storage = t.untyped_storage()
+        seen[(t.device, storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
 def measure_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> MemoryBreakdown:
-    """Bytes the live tensors hold; gradients are counted as allocated during a step."""
+    """Bytes the live tensors hold; gradients are counted as allocated at the peak of a step."""
     params = list(model.parameters())
-    state = sum(
-        _bytes(v)
-        for per_param in optimizer.state.values()
-        for v in per_param.values()
-        if isinstance(v, torch.Tensor)
-    )
+    trainable = [p for p in params if p.requires_grad]
+    per_layer = hasattr(optimizer, "grad_accum")
+    size = params[0].element_size() if params else 4
     return MemoryBreakdown(
         weights=sum(_bytes(p) for p in params),
-        gradients=sum(_bytes(p) for p in params if p.requires_grad),
-        optimizer_states=state,
+        gradients=_gradient_bytes(trainable, size, per_layer, getattr(optimizer, "grad_accum", 1)),
+        optimizer_states=state_dict_bytes(optimizer),
         sparse_indices=_index_bytes(model),
     )
 

@@ -1,6 +1,8 @@
 """Optimizers, built by name from the `[optimizer]` config section.
 
-A new optimizer is one file here plus one line in `OPTIMIZERS`.
+A new optimizer is one file here plus one line in `OPTIMIZERS`. Every builder takes the model,
+the optimizer config and the run's rank, and returns a torch optimizer whose parameter groups
+say which parameters are "matrix" (2-D attention/MLP weights) and which are "other".
 """
 
 from __future__ import annotations
@@ -10,32 +12,77 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sltrain.config import OptimizerConfig
+from sltrain.config import OptimizerConfig, RunConfig
+from sltrain.optim import (
+    adam8bit,
+    adamw,
+    auon,
+    conda,
+    fira,
+    frugal,
+    galore,
+    muon,
+    normuon,
+    per_layer,
+    tricks,
+)
+
+# 2-D weights that are not matrices of the blocks: they get AdamW in every optimizer.
+NOT_MATRICES = ("embed_tokens", "lm_head")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and sparse values; none on norm gains."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, cfg: OptimizerConfig, split_matrices: bool = True) -> list[dict]:
+    """Trainable parameters in up to three groups: block matrices, other decayed parameters
+    (embeddings, LM head, sparse values), and norm gains (never decayed)."""
+    matrix, other, norms = [], [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if "norm" in name else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        if not p.requires_grad:
+            continue
+        if "norm" in name:
+            norms.append(p)
+        elif split_matrices and p.ndim == 2 and not any(k in name for k in NOT_MATRICES):
+            matrix.append(p)
+        else:
+            other.append(p)
+    groups = [
+        {"params": matrix, "kind": "matrix", "weight_decay": cfg.weight_decay},
+        {"params": other, "kind": "other", "weight_decay": cfg.weight_decay},
+        {"params": norms, "kind": "other", "weight_decay": 0.0},
     ]
+    return [g for g in groups if g["params"]]
 
 
-def adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps, foreach=True,
-    )
-
-
-OPTIMIZERS: dict[str, Callable[[nn.Module, OptimizerConfig], torch.optim.Optimizer]] = {
-    "adamw": adamw,
+Builder = Callable[[nn.Module, OptimizerConfig, int], torch.optim.Optimizer]
+OPTIMIZERS: dict[str, Builder] = {
+    "adamw": adamw.build,
+    "adam8bit": adam8bit.build,
+    "galore": galore.build,
+    "galore8bit": galore.build_8bit,
+    "fira": fira.build,
+    "frugal": frugal.build,
+    "muon": muon.build,
+    "normuon": normuon.build,
+    "conda": conda.build,
+    "auon": auon.build,
+    "auon_hybrid": auon.build_hybrid,
 }
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.name](model, cfg)
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, rank: int, grad_accum: int = 1
+) -> torch.optim.Optimizer:
+    """The optimizer `cfg.name` over `model`'s trainable parameters; `rank` is the run's rank,
+    the default projection rank of the subspace optimizers. With `cfg.per_layer_updates` every
+    parameter steps in its own gradient hook, once per `grad_accum` backward passes."""
+    optimizer = OPTIMIZERS[cfg.name](model, cfg, cfg.proj_rank or rank)
+    if cfg.per_layer_updates:
+        per_layer.check(cfg.grad_clip)
+        return per_layer.PerLayerOptimizer(optimizer, grad_accum)
+    return optimizer
+
+
+def validate(cfg: RunConfig) -> None:
+    """Refuse optimizer settings that cannot work, before any data or model work is done."""
+    if cfg.optimizer.per_layer_updates:
+        per_layer.check(cfg.optimizer.grad_clip)
+    tricks.validate(cfg)

@@ -14,6 +14,7 @@ from torch import nn
 from sltrain.errors import UserError
 from sltrain.parametrize.base import FactoredLinear
 from sltrain.parametrize.lowrank import LowRankLinear
+from sltrain.parametrize.relora import ReLoRALinear
 from sltrain.parametrize.sltrain import SparseLowRankLinear
 
 # name -> layer class with `from_linear(linear, rank=, lora_alpha=, density=, seed=)` and
@@ -22,6 +23,7 @@ METHODS: dict[str, type[nn.Module] | None] = {
     "full": None,
     "lowrank": LowRankLinear,
     "sltrain": SparseLowRankLinear,
+    "relora": ReLoRALinear,
 }
 
 

@@ -25,6 +25,8 @@ from sltrain.errors import UserError
 from sltrain.measure import count_parameters, estimate_memory, measure_memory, peak_memory
 from sltrain.model import build_model, param_spec
 from sltrain.optim import build_optimizer
+from sltrain.optim import validate as validate_optimizer
+from sltrain.optim.tricks import CycleTricks, include_warm_start_params
 from sltrain.train.checkpoint import (
     find_checkpoint,
     list_checkpoints,
@@ -128,7 +130,9 @@ def train(
         run_dir = ckpt.parent.parent if ckpt else new_run_dir(cfg)
 
     torch.manual_seed(tc.seed)
+    validate_optimizer(cfg)
     model = build_model(cfg)  # validates rank/density against the shapes before any data work
+    include_warm_start_params(model, cfg)
     vocab = cfg.model_dims()["vocab_size"]
     tokenizer_file = run_dir / "tokenizer.json"
     data = prepare(cfg.data, vocab, tokenizer_file if ckpt else None)
@@ -144,9 +148,11 @@ def train(
         raise UserError("the validation split is shorter than one block; raise --val-fraction "
                         "or lower --seq-len")
     model.to(device)
-    optimizer = build_optimizer(model, cfg.optimizer)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.rank, tc.grad_accum)
+    tricks: CycleTricks | None = None  # built once the resumed step is known
     scheduler = build_scheduler(optimizer, cfg.schedule.name, tc.steps, cfg.warmup_steps,
-                                cfg.schedule.min_lr_ratio)
+                                cfg.schedule.min_lr_ratio, cfg.schedule.restart_warmup,
+                                lambda s: tricks.cycle_start(s) if tricks else None)
 
     step, tokens_seen, elapsed_before = 0, 0, 0.0
     metrics_path = run_dir / "metrics.jsonl"
@@ -162,6 +168,7 @@ def train(
         _truncate_metrics(metrics_path, step)
     elif metrics_path.exists():
         metrics_path.unlink()
+    tricks = CycleTricks(model, optimizer, cfg, start_step=step)
 
     params = count_parameters(model)
     meta = {"config": cfg.to_dict(), "param_spec": param_spec(cfg).to_dict()}
@@ -210,13 +217,14 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            events = tricks.after_step(step)
             tokens_seen += cfg.tokens_per_step
             dt = time.perf_counter() - t0
             step_time, step_tokens = step_time + dt, step_tokens + cfg.tokens_per_step
             record = {"step": step, "loss": loss_sum / tc.grad_accum, "lr": lr,
                       "grad_norm": grad_norm, "tokens": tokens_seen,
                       "tok_per_s": cfg.tokens_per_step / dt,
-                      "elapsed_s": elapsed_before + time.perf_counter() - loop_start}
+                      "elapsed_s": elapsed_before + time.perf_counter() - loop_start, **events}
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
                 last_eval = evaluate(model, val_blocks, tc.batch_size, tc.eval_batches,
                                      device, autocast)
@@ -253,7 +261,8 @@ def train(
         **{k: v for k, v in last_eval.items()},
         "params": params,
         "training_state_bytes": measure_memory(model, optimizer).to_dict(),
-        "estimated_state_bytes": estimate_memory(model).to_dict(),
+        "estimated_state_bytes": estimate_memory(model, next(model.parameters()).dtype,
+                                                 cfg.optimizer, cfg.rank, tc.grad_accum).to_dict(),
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
         "tokens_seen": tokens_seen,

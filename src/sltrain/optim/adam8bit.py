@@ -1,0 +1,94 @@
+"""8-bit AdamW: bitsandbytes' blockwise-quantised optimizer states (CPU and CUDA).
+
+"8-bit Optimizers via Block-wise Quantization" (Dettmers et al., ICLR 2022).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sltrain.config import OptimizerConfig
+from sltrain.errors import UserError
+from sltrain.optim.base import adam_moments_
+
+BLOCKSIZE = 256  # bitsandbytes' block size for blockwise 8-bit optimizer states
+MIN_8BIT_SIZE = 4096  # smaller tensors keep float32 states (bitsandbytes' default)
+
+
+def bitsandbytes():
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError("8-bit optimizer states need bitsandbytes; pip install bitsandbytes") from None
+    return bnb
+
+
+def blockwise_bytes(numel: int) -> int:
+    """One uint8 code per element plus one float32 absmax per block of 256."""
+    return numel + 4 * ((numel + BLOCKSIZE - 1) // BLOCKSIZE)
+
+
+def quantized_moments_bytes(numel: int) -> int:
+    """Two 8-bit moments (or two float32 ones below MIN_8BIT_SIZE elements)."""
+    return 2 * (blockwise_bytes(numel) if numel >= MIN_8BIT_SIZE else 4 * numel)
+
+
+_QMAPS: dict[tuple[bool, str], torch.Tensor] = {}
+
+
+def quantization_map(signed: bool, device: torch.device) -> torch.Tensor:
+    """bitsandbytes' dynamic 8-bit code (256 float32 values), one shared tensor per device."""
+    key = (signed, str(device))
+    if key not in _QMAPS:
+        _QMAPS[key] = bitsandbytes().functional.create_dynamic_map(signed=signed).to(device)
+    return _QMAPS[key]
+
+
+def adam_direction_8bit(grad: torch.Tensor, state: dict, beta1: float, beta2: float, eps: float,
+                        step: int | None = None) -> tuple[torch.Tensor, float]:
+    """Adam with blockwise 8-bit moments in bitsandbytes' state layout (state1/state2 codes,
+    absmax1/absmax2 per block of 256, shared qmap1/qmap2): dequantise, update in float32,
+    quantise back. Tensors below MIN_8BIT_SIZE elements keep float32 moments, as in bitsandbytes.
+    """
+    F = bitsandbytes().functional
+    g = grad.float()
+    if "state1" not in state:
+        if g.numel() >= MIN_8BIT_SIZE:
+            blocks = (g.numel() + BLOCKSIZE - 1) // BLOCKSIZE
+            for i, signed in (("1", True), ("2", False)):
+                state["state" + i] = torch.zeros_like(g, dtype=torch.uint8)
+                state["absmax" + i] = torch.zeros(blocks, dtype=torch.float32, device=g.device)
+                state["qmap" + i] = quantization_map(signed, g.device)
+        else:
+            state["state1"], state["state2"] = torch.zeros_like(g), torch.zeros_like(g)
+    step = state["step"] if step is None else step
+    if state["state1"].dtype != torch.uint8:
+        return adam_moments_(state["state1"], state["state2"], g, beta1, beta2, eps, step)
+    m, v = (F.dequantize_blockwise(state["state" + i], absmax=state["absmax" + i],
+                                   code=state["qmap" + i], blocksize=BLOCKSIZE) for i in "12")
+    direction, correction = adam_moments_(m, v, g, beta1, beta2, eps, step)
+    for i, moment in (("1", m), ("2", v)):
+        F.quantize_blockwise(moment, code=state["qmap" + i], absmax=state["absmax" + i],
+                             out=state["state" + i], blocksize=BLOCKSIZE)
+    return direction, correction
+
+
+def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> torch.optim.Optimizer:
+    from sltrain.optim import param_groups
+
+    bnb = bitsandbytes()
+
+    class Adam8bit(bnb.optim.AdamW8bit):
+        """bitsandbytes' AdamW8bit; the two quantisation maps are shared by all parameters."""
+
+        def state_bytes(self, p: torch.Tensor, group: dict, element_size: int) -> int:
+            return quantized_moments_bytes(p.numel())
+
+        def shared_state_bytes(self) -> int:
+            has_8bit = any(p.numel() >= MIN_8BIT_SIZE for g in self.param_groups for p in g["params"])
+            return 2 * 256 * 4 if has_8bit else 0
+
+    return Adam8bit(param_groups(model, cfg, split_matrices=False), lr=cfg.lr,
+                    betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                    min_8bit_size=MIN_8BIT_SIZE)

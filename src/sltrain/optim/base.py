@@ -1,0 +1,76 @@
+"""What every `sltrain` optimizer shares: parameter groups by role and exact state accounting.
+
+Groups carry a `kind`: "matrix" (2-D weights of the attention/MLP blocks, where subspace and
+orthogonalising optimizers act) or "other" (embeddings, LM head, norms, sparse values: AdamW).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Adam as in the GaLore/Fira reference code (transformers' AdamW): eps is added to sqrt(v) before
+# the bias correction, which is folded into the step size. Kept identical so that the subspace
+# optimizers match their reference packages to rounding.
+
+
+def adam_moments_(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
+                  beta1: float, beta2: float, eps: float, step: int) -> tuple[torch.Tensor, float]:
+    """Fold `grad` into the moments in place; return m / (sqrt(v) + eps) and the bias-correction
+    factor sqrt(1 - beta2^t) / (1 - beta1^t) of update number `step` (1-based)."""
+    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    denom = exp_avg_sq.sqrt().add_(eps)
+    return exp_avg / denom, math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+
+def adam_direction(grad: torch.Tensor, state: dict, beta1: float, beta2: float, eps: float,
+                   step: int | None = None) -> tuple[torch.Tensor, float]:
+    """Adam on `state["exp_avg"]`/`state["exp_avg_sq"]` (created on first use) for update number
+    `step` (default `state["step"]`, which must already count this update)."""
+    if "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(grad)
+        state["exp_avg_sq"] = torch.zeros_like(grad)
+    return adam_moments_(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2, eps,
+                         state["step"] if step is None else step)
+
+
+def adam_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
+    """lr * sqrt(1 - beta2^t) / (1 - beta1^t), evaluated in the reference packages' order so
+    that results agree to the last bit."""
+    return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+
+def adam_state_bytes(numel: int, element_size: int) -> int:
+    return 2 * numel * element_size
+
+
+def decay_(p: torch.Tensor, group: dict) -> None:
+    """Decoupled weight decay on the weight before this step's update (Loshchilov & Hutter)."""
+    if group.get("weight_decay", 0.0) > 0:
+        p.mul_(1.0 - group["lr"] * group["weight_decay"])
+
+
+class SltrainOptimizer(torch.optim.Optimizer):
+    """A torch optimizer that can say, from shapes alone, how many bytes of state it will hold.
+
+    `state_bytes` must equal the bytes of the tensors `state_dict()["state"][i]` holds for that
+    parameter once it has been stepped; `shared_state_bytes` counts tensors shared by all
+    parameters (counted once). Tests hold both against real `state_dict()`s.
+    """
+
+    def state_bytes(self, p: torch.Tensor, group: dict, element_size: int) -> int:
+        raise NotImplementedError
+
+    def shared_state_bytes(self) -> int:
+        return 0
+
+    def adamw_other_(self, p: torch.Tensor, group: dict) -> None:
+        """Plain AdamW step for a parameter of an "other" group (state: exp_avg, exp_avg_sq)."""
+        state = self.state[p]
+        state["step"] = state.get("step", 0) + 1
+        beta1, beta2 = group["betas"]
+        direction, _ = adam_direction(p.grad, state, beta1, beta2, group["eps"])
+        decay_(p, group)
+        p.add_(direction, alpha=-adam_step_size(group["lr"], beta1, beta2, state["step"]))

@@ -1,0 +1,125 @@
+"""GaLore: Adam whose moments live in a rank-r subspace of each block matrix's gradient.
+
+"GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection" (Zhao et al., ICML 2024).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sltrain.config import OptimizerConfig
+from sltrain.optim import projector
+from sltrain.optim.adam8bit import adam_direction_8bit, quantized_moments_bytes
+from sltrain.optim.base import SltrainOptimizer, adam_direction, adam_step_size, decay_
+
+
+class GaLore(SltrainOptimizer):
+    """AdamW with GaLore projection on the "matrix" groups and plain AdamW elsewhere.
+
+    Matches `galore_torch.GaLoreAdamW` (proj_type "std") step for step, with two deliberate
+    differences: weight decay is applied to the weight before the update (decoupled AdamW, as
+    torch does; the reference decays the already-updated weight), and a failed SVD keeps the last
+    projector or raises instead of producing a zero or NaN update. `eight_bit` keeps every Adam
+    moment in bitsandbytes' blockwise 8-bit format (GaLore's 8-bit variant).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, rank: int = 128,
+                 update_proj_gap: int = 200, scale: float = 0.25, projector: str = "svd",
+                 eight_bit: bool = False):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
+                        update_proj_gap=update_proj_gap, scale=scale, projector=projector,
+                        eight_bit=eight_bit, kind="other")
+        super().__init__(params, defaults)
+
+    def _direction(self, grad, state, group):
+        beta1, beta2 = group["betas"]
+        if group["eight_bit"]:
+            direction, _ = adam_direction_8bit(grad, state, beta1, beta2, group["eps"])
+            return direction.to(grad.dtype)
+        return adam_direction(grad, state, beta1, beta2, group["eps"])[0]
+
+    def step_size(self, state: dict, group: dict, step: int | None = None) -> float:
+        beta1, beta2 = group["betas"]
+        return adam_step_size(group["lr"], beta1, beta2, state["step"] if step is None else step)
+
+    def _subspace(self, p: torch.Tensor, group: dict) -> int | None:
+        return projector.subspace_rank(p.shape, group["rank"]) if group["kind"] == "matrix" else None
+
+    def _refresh_if_due(self, p: torch.Tensor, state: dict, group: dict, rank: int) -> bool:
+        """Refresh the projector on updates 0, gap, 2 gap, ... (the reference's schedule)."""
+        due = state.get("step", 0) % group["update_proj_gap"] == 0 or (
+            "ortho" not in state and "dct_idx" not in state)
+        if due:
+            projector.refresh(state, p.grad, rank, group["projector"])
+        return due
+
+    def matrix_update(self, p: torch.Tensor, state: dict, group: dict, rank: int) -> torch.Tensor:
+        """The update direction of one projected matrix (before the step size of `step_size`);
+        subclasses change this."""
+        self._refresh_if_due(p, state, group, rank)
+        low = projector.project(p.grad, state)
+        state["step"] = state.get("step", 0) + 1
+        direction = self._direction(low, state, group)
+        return projector.project_back(direction, state, p.shape) * group["scale"]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                rank = self._subspace(p, group)
+                if rank is None:
+                    state["step"] = state.get("step", 0) + 1
+                    update = self._direction(p.grad, state, group)
+                else:
+                    update = self.matrix_update(p, state, group, rank)
+                decay_(p, group)
+                p.add_(update, alpha=-self.step_size(state, group))
+        return loss
+
+    def moments_bytes(self, numel: int, group: dict, element_size: int) -> int:
+        return quantized_moments_bytes(numel) if group["eight_bit"] else 2 * numel * element_size
+
+    def state_bytes(self, p: torch.Tensor, group: dict, element_size: int) -> int:
+        rank = self._subspace(p, group)
+        if rank is None:
+            return self.moments_bytes(p.numel(), group, element_size)
+        return (self.moments_bytes(rank * max(p.shape), group, element_size)
+                + projector.projector_bytes(p.shape, rank, group["projector"], element_size))
+
+    def shared_state_bytes(self) -> int:
+        from sltrain.optim.adam8bit import MIN_8BIT_SIZE
+
+        def low_numel(p, g):
+            rank = self._subspace(p, g)
+            return p.numel() if rank is None else rank * max(p.shape)
+
+        any_8bit = any(g["eight_bit"] and low_numel(p, g) >= MIN_8BIT_SIZE
+                       for g in self.param_groups for p in g["params"])
+        return 2 * 256 * 4 if any_8bit else 0
+
+
+def options(cfg: OptimizerConfig, rank: int) -> dict:
+    return dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, rank=rank,
+                update_proj_gap=cfg.update_proj_gap, scale=cfg.galore_scale,
+                projector=cfg.projector)
+
+
+def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> GaLore:
+    from sltrain.optim import param_groups
+
+    return GaLore(param_groups(model, cfg), **options(cfg, rank))
+
+
+def build_8bit(model: nn.Module, cfg: OptimizerConfig, rank: int) -> GaLore:
+    from sltrain.optim import param_groups
+
+    return GaLore(param_groups(model, cfg), eight_bit=True, **options(cfg, rank))
