@@ -32,8 +32,24 @@ def test_short_run_lowers_loss_and_writes_the_run(tiny, tmp_path, method):
     assert (run / "checkpoints" / "step_0000030" / "model.safetensors").is_file()
 
 
-def test_resume_after_interrupt_reproduces_the_uninterrupted_run(tiny, tmp_path):
-    base = {**tiny, "train.steps": 12, "train.grad_accum": 2, "train.eval_every": 0}
+RESUMABLE = {
+    "adamw": {},
+    # 8-bit subspace states, per-layer hooks with accumulation, projector refreshes every 3 steps
+    "galore8bit-per-layer": {"optimizer.name": "galore8bit", "optimizer.per_layer_updates": True,
+                             "optimizer.grad_clip": 0.0, "optimizer.update_proj_gap": 3,
+                             "method.name": "full", "optimizer.proj_rank": 8},
+    # warm start to step 2, merges after steps 5, 8, 11, jagged re-warm-up
+    "relora": {"method.name": "relora", "method.warm_start_steps": 2, "optimizer.reset_every": 3,
+               "schedule.restart_warmup": 2},
+    "sltrain-refactor-reset": {"optimizer.reset_every": 4, "optimizer.refactor": True,
+                               "optimizer.reset_momentum": True, "optimizer.name": "fira"},
+}
+
+
+@pytest.mark.parametrize("setup", list(RESUMABLE))
+def test_resume_after_interrupt_reproduces_the_uninterrupted_run(tiny, tmp_path, setup):
+    base = {**tiny, "train.steps": 12, "train.grad_accum": 2, "train.eval_every": 0,
+            **RESUMABLE[setup]}
     train(load_config(None, {**base, "train.out_dir": str(tmp_path / "a")}))
 
     def interrupt(step, record):

@@ -36,9 +36,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]
     for key, flags in spellings.items():
         section, field = key.split(".", 1)
         default = RunConfig.model_fields[section].default_factory().model_dump()[field]  # type: ignore[misc]
+        # A bare boolean flag means true (`--per-layer-updates`); `--refactor false` also works.
+        switch = {"nargs": "?", "const": True} if isinstance(default, bool) else {}
         parser.add_argument(*sorted({f"--{f}" for f in flags}, key=lambda f: (len(f), "_" in f)), dest=key,
                             default=argparse.SUPPRESS, metavar=field.upper(),
-                            help=f"{key} (default: {default})")
+                            help=f"{key} (default: {default})", **switch)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,7 +127,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
     knobs = {"full": "", "lowrank": f" (rank {cfg.rank})",
              "sltrain": f" (rank {cfg.rank}, alpha {cfg.lora_alpha:g}, density {cfg.density:g})"}
     print(f"{cfg.model.preset} x {cfg.method.name}{knobs[cfg.method.name]}, "
-          f"{args.dtype} weights and states, {cfg.optimizer.name}")
+          f"{args.dtype} weights and states, {cfg.optimizer.name}"
+          + (" with per-layer updates" if cfg.optimizer.per_layer_updates else ""))
     print(f"parameters: total {_fmt_count(counts['total'])} ({counts['total']:,}), "
           f"trainable {_fmt_count(counts['trainable'])}, sparse values "
           f"{_fmt_count(counts['sparse'])}")

@@ -63,6 +63,22 @@ class SltrainOptimizer(torch.optim.Optimizer):
     def state_bytes(self, p: torch.Tensor, group: dict, element_size: int) -> int:
         raise NotImplementedError
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts every loaded state tensor to its parameter's dtype; 8-bit codes, their
+        float32 scales and index tensors must come back exactly as saved."""
+        saved_tensors = {
+            (index, key): value
+            for index, entry in state_dict["state"].items()
+            for key, value in entry.items()
+            if isinstance(value, torch.Tensor) and key != "step"
+        }
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for (index, key), saved in saved_tensors.items():
+            p = params[index]
+            if saved.dtype != p.dtype:
+                self.state[p][key] = saved.to(device=p.device)
+
     def shared_state_bytes(self) -> int:
         return 0
 

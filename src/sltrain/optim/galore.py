@@ -24,6 +24,8 @@ class GaLore(SltrainOptimizer):
     moment in bitsandbytes' blockwise 8-bit format (GaLore's 8-bit variant).
     """
 
+    shares_state_across_instances = True  # the 8-bit quantisation maps are module-level
+
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, rank: int = 128,
                  update_proj_gap: int = 200, scale: float = 0.25, projector: str = "svd",

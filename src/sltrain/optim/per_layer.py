@@ -68,15 +68,23 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         if saved is None or len(saved) != len(self.param_groups):
             raise UserError("the checkpoint's optimizer state was not saved with per-layer updates "
                             "for this model; resume with the run's own --per-layer-updates setting")
-        for group, sub_state in zip(self.param_groups, saved, strict=True):
-            self._by_param[id(group["params"][0])].load_state_dict(sub_state)
+        for i, sub_state in enumerate(saved):
+            sub = self._by_param[id(self.param_groups[i]["params"][0])]
+            sub.load_state_dict(sub_state)
+            # Loading replaces the copy's group dict; share the new one again so that the
+            # scheduler keeps setting the rate the copy uses.
+            self.param_groups[i] = sub.param_groups[0]
 
     def state_bytes(self, p: torch.Tensor, group: dict, element_size: int) -> int:
         sub = self._by_param[id(p)]
         return sub.state_bytes(p, sub.param_groups[0], element_size)
 
     def shared_state_bytes(self) -> int:
-        return sum(sub.shared_state_bytes() for sub in self._by_param.values())
+        shared = [sub.shared_state_bytes() for sub in self._by_param.values()]
+        # Tensors shared by all instances of a class (module-level caches) exist once.
+        if getattr(self.inner_class, "shares_state_across_instances", False):
+            return max(shared, default=0)
+        return sum(shared)
 
     def remove_hooks(self) -> None:
         for handle in self._handles:

@@ -62,7 +62,9 @@ def _svd_basis(grad: torch.Tensor, rank: int) -> torch.Tensor:
     P = Vh[:rank] if is_right(grad.shape) else U[:, :rank]
     if not torch.isfinite(P).all():
         raise ProjectorError("SVD returned non-finite singular vectors")
-    return P.to(grad.dtype)
+    # A copy, not a view: a slice of U or Vh would keep the whole factor's storage alive (the
+    # reference implementation holds min(m, n)^2 values per matrix this way).
+    return P.to(grad.dtype, copy=True)
 
 
 def _dct_indices(grad: torch.Tensor, rank: int) -> torch.Tensor:

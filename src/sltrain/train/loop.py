@@ -172,7 +172,6 @@ def train(
 
     params = count_parameters(model)
     meta = {"config": cfg.to_dict(), "param_spec": param_spec(cfg).to_dict()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -211,6 +210,8 @@ def train(
                 raise UserError(f"loss became {loss_sum} at step {step + 1}; the last good state "
                                 f"is saved in {saved}; lower --lr or raise --warmup-steps")
             clip = cfg.optimizer.grad_clip
+            # Which parameters train can change during a run (ReLoRA's warm start): ask each step.
+            trainable = [p for p in model.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip).item() if clip else None
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
