@@ -82,6 +82,22 @@ class SltrainOptimizer(torch.optim.Optimizer):
     def shared_state_bytes(self) -> int:
         return 0
 
+    def update_(self, p: torch.Tensor, group: dict) -> None:
+        """Step one parameter that has a gradient."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.update_(p, group)
+        return loss
+
     def adamw_other_(self, p: torch.Tensor, group: dict) -> None:
         """Plain AdamW step for a parameter of an "other" group (state: exp_avg, exp_avg_sq)."""
         state = self.state[p]

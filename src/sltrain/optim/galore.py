@@ -66,26 +66,16 @@ class GaLore(SltrainOptimizer):
         direction = self._direction(low, state, group)
         return projector.project_back(direction, state, p.shape) * group["scale"]
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                rank = self._subspace(p, group)
-                if rank is None:
-                    state["step"] = state.get("step", 0) + 1
-                    update = self._direction(p.grad, state, group)
-                else:
-                    update = self.matrix_update(p, state, group, rank)
-                decay_(p, group)
-                p.add_(update, alpha=-self.step_size(state, group))
-        return loss
+    def update_(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        rank = self._subspace(p, group)
+        if rank is None:
+            state["step"] = state.get("step", 0) + 1
+            update = self._direction(p.grad, state, group)
+        else:
+            update = self.matrix_update(p, state, group, rank)
+        decay_(p, group)
+        p.add_(update, alpha=-self.step_size(state, group))
 
     def moments_bytes(self, numel: int, group: dict, element_size: int) -> int:
         return quantized_moments_bytes(numel) if group["eight_bit"] else 2 * numel * element_size

@@ -7,7 +7,6 @@ scale of "Muon is Scalable for LLM Training" (Moonlight, Liu et al., 2025).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -78,21 +77,11 @@ class MatrixOptimizer(SltrainOptimizer):
             return self.matrix_state_bytes(p, group, element_size)
         return 2 * p.numel() * element_size  # AdamW's exp_avg and exp_avg_sq; the int step is free
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if self.is_matrix(p, group):
-                    self.matrix_step_(p, group)
-                else:
-                    self.adamw_other_(p, group)
-        return loss
+    def update_(self, p: Tensor, group: dict) -> None:
+        if self.is_matrix(p, group):
+            self.matrix_step_(p, group)
+        else:
+            self.adamw_other_(p, group)
 
 
 class Muon(MatrixOptimizer):
