@@ -38,7 +38,10 @@ def worker(args: argparse.Namespace) -> dict:
     from sltrain.train.evaluate import lm_loss
     from sltrain.train.loop import autocast_for, resolve_device
 
+    per_layer = bool(args.per_layer)
     cfg = load_config(None, {"model.preset": args.preset, "method.name": args.method,
+                             "optimizer.name": args.optimizer, "optimizer.per_layer_updates": per_layer,
+                             "optimizer.grad_clip": 0.0 if per_layer else 1.0,
                              "data.seq_len": args.seq_len, "train.device": args.device})
     device = resolve_device(args.device)
     torch.manual_seed(0)
@@ -54,8 +57,9 @@ def worker(args: argparse.Namespace) -> dict:
     def step() -> None:
         with autocast:
             logits = model(x[:, :-1])
-        lm_loss(logits, x[:, 1:]).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lm_loss(logits, x[:, 1:]).backward()  # per-layer updates step inside backward
+        if not per_layer:  # per-layer updates cannot clip by the global norm
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -78,6 +82,9 @@ def worker(args: argparse.Namespace) -> dict:
         kind = "cpu_peak_rss_above_baseline"
     return {
         "method": args.method,
+        "optimizer": args.optimizer,
+        "per_layer": per_layer,
+        "optimizer_state_bytes": measure_memory(model, opt).optimizer_states,
         "median_step_s": statistics.median(times),
         "peak_bytes": peak,
         "peak_kind": kind,
@@ -86,37 +93,49 @@ def worker(args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def measure(variants: dict[str, list[str]], args: argparse.Namespace) -> dict[str, dict]:
+    """Run each variant (label -> extra worker flags) in its own process, `args.rounds` times in
+    alternating order; return the fastest round of each."""
+    runs: dict[str, list[dict]] = {label: [] for label in variants}
+    labels = list(variants)
+    for r in range(args.rounds):
+        for label in labels if r % 2 == 0 else labels[::-1]:
+            cmd = [sys.executable, __file__, *variants[label], "--preset", args.preset,
+                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            runs[label].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"round {r + 1}/{args.rounds} {label}: "
+                  f"{runs[label][-1]['median_step_s'] * 1000:.1f} ms/step", file=sys.stderr)
+    # Fastest round per variant: the least disturbed measurement of each.
+    return {label: min(rs, key=lambda d: d["median_step_s"]) for label, rs in runs.items()}
+
+
+def common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--preset", default="llama-cpu")
-    ap.add_argument("--methods", nargs="+", default=["full", "lowrank", "sltrain"])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="auto")
+    # set in the worker processes
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--optimizer", default="adamw", help=argparse.SUPPRESS)
+    ap.add_argument("--per-layer", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_args(ap)
+    ap.add_argument("--methods", nargs="+", default=["full", "lowrank", "sltrain"])
     ap.add_argument("--out", type=Path, default=HERE / "results" / "step_time.json")
-    ap.add_argument("--method", help=argparse.SUPPRESS)  # set in the per-method worker process
     args = ap.parse_args()
     if args.method:
         print(json.dumps(worker(args)))
         return
 
-    runs: dict[str, list[dict]] = {m: [] for m in args.methods}
-    for r in range(args.rounds):
-        order = args.methods if r % 2 == 0 else args.methods[::-1]
-        for method in order:
-            cmd = [sys.executable, __file__, "--method", method, "--preset", args.preset,
-                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            runs[method].append(json.loads(out.strip().splitlines()[-1]))
-            print(f"round {r + 1}/{args.rounds} {method}: "
-                  f"{runs[method][-1]['median_step_s'] * 1000:.1f} ms/step", file=sys.stderr)
-
-    # Fastest round per method: the least disturbed measurement of each.
-    best = {m: min(rs, key=lambda d: d["median_step_s"]) for m, rs in runs.items()}
+    best = measure({m: ["--method", m] for m in args.methods}, args)
     ref = best.get("full", next(iter(best.values())))
     rows = []
     for b in best.values():

@@ -125,7 +125,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     knobs = {"full": "", "lowrank": f" (rank {cfg.rank})",
-             "sltrain": f" (rank {cfg.rank}, alpha {cfg.lora_alpha:g}, density {cfg.density:g})"}
+             "sltrain": f" (rank {cfg.rank}, alpha {cfg.lora_alpha:g}, density {cfg.density:g})",
+             "relora": f" (rank {cfg.rank}, alpha {cfg.lora_alpha:g})"}
     print(f"{cfg.model.preset} x {cfg.method.name}{knobs[cfg.method.name]}, "
           f"{args.dtype} weights and states, {cfg.optimizer.name}"
           + (" with per-layer updates" if cfg.optimizer.per_layer_updates else ""))
