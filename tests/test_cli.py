@@ -44,6 +44,11 @@ def tiny_flags(tmp_path, data):
         (["--steps", "ten"], ["train.steps", "integer"]),
         (["--lr", "-1"], ["optimizer.lr"]),
         (["--no-such-flag", "1"], ["unrecognized arguments"]),
+        (["--optimizer", "adafactor"], ["optimizer.name", "galore"]),
+        (["--optimizer", "galore"], ["projection rank 64", "--proj-rank 16"]),  # SLTrain's r x in factors
+        (["--per-layer-updates"], ["global gradient norm", "--grad-clip 0"]),
+        (["--method", "relora"], ["reset-every", "0"]),
+        (["--refactor", "--reset-every", "10", "--method", "full"], ["--refactor", "lowrank"]),
     ],
 )
 def test_bad_values(tmp_path, flags, needles):

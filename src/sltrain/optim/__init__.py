@@ -82,7 +82,13 @@ def build_optimizer(
 
 
 def validate(cfg: RunConfig) -> None:
-    """Refuse optimizer settings that cannot work, before any data or model work is done."""
-    if cfg.optimizer.per_layer_updates:
-        per_layer.check(cfg.optimizer.grad_clip)
+    """Refuse optimizer settings that cannot work, before any data or model work is done: the
+    optimizer is built once over the meta-device model (no memory), so every check it makes
+    (ranks, clipping with per-layer updates, 8-bit support) runs here."""
+    from sltrain.model import build_model
+
     tricks.validate(cfg)
+    optimizer = build_optimizer(build_model(cfg, torch.device("meta")), cfg.optimizer, cfg.rank,
+                                cfg.train.grad_accum)
+    if isinstance(optimizer, per_layer.PerLayerOptimizer):
+        optimizer.remove_hooks()

@@ -10,7 +10,7 @@ from torch import nn
 
 from sltrain.config import OptimizerConfig
 from sltrain.optim import projector
-from sltrain.optim.galore import GaLore, options
+from sltrain.optim.galore import GaLore, check_rank, options
 
 GROWTH_LIMIT = 1.01  # the residual update's norm may grow at most 1% per step
 
@@ -53,4 +53,4 @@ class Fira(GaLore):
 def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> Fira:
     from sltrain.optim import param_groups
 
-    return Fira(param_groups(model, cfg), **options(cfg, rank))
+    return Fira(check_rank(param_groups(model, cfg), rank), **options(cfg, rank))

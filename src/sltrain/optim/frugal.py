@@ -12,7 +12,7 @@ from torch import nn
 from sltrain.config import OptimizerConfig
 from sltrain.optim import projector
 from sltrain.optim.base import adam_direction
-from sltrain.optim.galore import GaLore, options
+from sltrain.optim.galore import GaLore, check_rank, options
 
 
 class Frugal(GaLore):
@@ -59,5 +59,5 @@ def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> Frugal:
     from sltrain.optim import param_groups
 
     kwargs = {**options(cfg, rank), "scale": 1.0}
-    return Frugal(param_groups(model, cfg), state_free=cfg.state_free,
+    return Frugal(check_rank(param_groups(model, cfg), rank), state_free=cfg.state_free,
                   state_free_lr_scale=cfg.state_free_lr_scale, **kwargs)

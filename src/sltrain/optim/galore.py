@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sltrain.config import OptimizerConfig
+from sltrain.errors import UserError
 from sltrain.optim import projector
 from sltrain.optim.adam8bit import adam_direction_8bit, quantized_moments_bytes
 from sltrain.optim.base import SltrainOptimizer, adam_direction, adam_step_size, decay_
@@ -99,6 +100,20 @@ class GaLore(SltrainOptimizer):
         return 2 * 256 * 4 if any_8bit else 0
 
 
+def check_rank(groups: list[dict], rank: int) -> list[dict]:
+    """Refuse a projection rank that no block matrix is larger than: the optimizer would
+    silently be plain Adam (e.g. the default rank on SLTrain's r x in factors)."""
+    shapes = [p.shape for g in groups if g["kind"] == "matrix" for p in g["params"]]
+    if shapes and all(projector.subspace_rank(s, rank) is None for s in shapes):
+        smallest = max(min(s) for s in shapes)
+        raise UserError(
+            f"projection rank {rank} is not below the smaller side of any block matrix (largest "
+            f"such side: {smallest}), so nothing would be projected; pass e.g. "
+            f"--proj-rank {max(1, smallest // 4)}"
+        )
+    return groups
+
+
 def options(cfg: OptimizerConfig, rank: int) -> dict:
     return dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, rank=rank,
                 update_proj_gap=cfg.update_proj_gap, scale=cfg.galore_scale,
@@ -108,10 +123,10 @@ def options(cfg: OptimizerConfig, rank: int) -> dict:
 def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> GaLore:
     from sltrain.optim import param_groups
 
-    return GaLore(param_groups(model, cfg), **options(cfg, rank))
+    return GaLore(check_rank(param_groups(model, cfg), rank), **options(cfg, rank))
 
 
 def build_8bit(model: nn.Module, cfg: OptimizerConfig, rank: int) -> GaLore:
     from sltrain.optim import param_groups
 
-    return GaLore(param_groups(model, cfg), eight_bit=True, **options(cfg, rank))
+    return GaLore(check_rank(param_groups(model, cfg), rank), eight_bit=True, **options(cfg, rank))

@@ -130,8 +130,8 @@ def train(
         run_dir = ckpt.parent.parent if ckpt else new_run_dir(cfg)
 
     torch.manual_seed(tc.seed)
-    validate_optimizer(cfg)
     model = build_model(cfg)  # validates rank/density against the shapes before any data work
+    validate_optimizer(cfg)
     include_warm_start_params(model, cfg)
     vocab = cfg.model_dims()["vocab_size"]
     tokenizer_file = run_dir / "tokenizer.json"
