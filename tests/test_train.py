@@ -42,7 +42,8 @@ RESUMABLE = {
     "relora": {"method.name": "relora", "method.warm_start_steps": 2, "optimizer.reset_every": 3,
                "schedule.restart_warmup": 2},
     "sltrain-refactor-reset": {"optimizer.reset_every": 4, "optimizer.refactor": True,
-                               "optimizer.reset_momentum": True, "optimizer.name": "fira"},
+                               "optimizer.reset_momentum": True, "optimizer.name": "fira",
+                               "optimizer.proj_rank": 4},
 }
 
 
