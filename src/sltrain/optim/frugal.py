@@ -41,11 +41,11 @@ class Frugal(GaLore):
         state["step"] = state.get("step", 0) + 1
         state["adam_step"] += 1
         beta1, beta2 = group["betas"]
-        direction, _ = adam_direction(low, state, beta1, beta2, group["eps"], step=state["adam_step"])
+        direction, correction = adam_direction(low, state, beta1, beta2, group["eps"],
+                                               step=state["adam_step"])
         residual = grad - projector.project_back(low, state, p.shape)
         free = residual.sign_() if group["state_free"] == "signsgd" else residual
         # The Adam part carries its bias correction; the state-free part takes the plain rate.
-        correction = self.step_size(state, group, state["adam_step"]) / group["lr"]
         update = projector.project_back(direction, state, p.shape).mul_(correction)
         return update.add_(free, alpha=group["state_free_lr_scale"])
 
