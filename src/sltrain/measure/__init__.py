@@ -1,8 +1,9 @@
 """Parameter and memory accounting: counts by formula and bytes by tensor, never guessed."""
 
-from sltrain.measure.memory import MemoryBreakdown, estimate_memory, measure_memory, peak_memory
+from sltrain.measure.memory import MemoryBreakdown, PeakMemory, estimate_memory, measure_memory, rss_bytes
 from sltrain.measure.params import count_parameters
 
 __all__ = [
-    "MemoryBreakdown", "count_parameters", "estimate_memory", "measure_memory", "peak_memory",
+    "MemoryBreakdown", "count_parameters", "estimate_memory", "measure_memory", "PeakMemory",
+    "rss_bytes",
 ]

@@ -6,8 +6,10 @@ the tensors a live model and optimizer actually hold. Tests keep the two equal.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -120,9 +122,53 @@ def measure_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> Memory
     )
 
 
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """The peak memory of this process and what it measures."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss * (1 if sys.platform == "darwin" else 1024), "cpu_peak_rss"
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux); 0 where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+class PeakMemory:
+    """Peak memory of the training phase of this process, comparable across methods.
+
+    CUDA: `torch.cuda.max_memory_allocated` since `start()`. CPU: the resident set size sampled
+    every `interval_s` by a thread, minus the size at `start()`, so that the interpreter, the
+    libraries and the token arrays (the same for every method) are left out; it counts weights,
+    gradients, optimizer states and activations. Large tensors are mmapped by the allocator and
+    returned on free, so the sampled RSS follows the live tensor bytes. Where /proc is missing it
+    falls back to the process's peak RSS (ru_maxrss).
+    """
+
+    def __init__(self, device: torch.device, interval_s: float = 0.002) -> None:
+        self.device, self.interval_s = device, interval_s
+        self.baseline = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif rss_bytes():
+            self.baseline = self.peak = rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, rss_bytes())
+
+    def result(self) -> tuple[int, str]:
+        """(bytes, what was measured); stops the sampler."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device), "cuda_max_memory_allocated"
+        if self._thread is None:
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return rss * (1 if sys.platform == "darwin" else 1024), "cpu_peak_rss"
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+        return self.peak - self.baseline, "cpu_peak_rss_above_baseline"

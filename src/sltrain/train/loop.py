@@ -22,7 +22,7 @@ from tqdm import tqdm
 from sltrain.config import RunConfig
 from sltrain.data import Blocks, BlockSampler, prepare
 from sltrain.errors import UserError
-from sltrain.measure import count_parameters, estimate_memory, measure_memory, peak_memory
+from sltrain.measure import PeakMemory, count_parameters, estimate_memory, measure_memory
 from sltrain.model import build_model, param_spec
 from sltrain.optim import build_optimizer
 from sltrain.optim import validate as validate_optimizer
@@ -129,10 +129,8 @@ def train(
     if run_dir is None:
         run_dir = ckpt.parent.parent if ckpt else new_run_dir(cfg)
 
-    torch.manual_seed(tc.seed)
-    model = build_model(cfg)  # validates rank/density against the shapes before any data work
+    build_model(cfg, device="meta")  # validates rank/density against the shapes before any data
     validate_optimizer(cfg)
-    include_warm_start_params(model, cfg)
     vocab = cfg.model_dims()["vocab_size"]
     tokenizer_file = run_dir / "tokenizer.json"
     data = prepare(cfg.data, vocab, tokenizer_file if ckpt else None)
@@ -147,7 +145,11 @@ def train(
     if len(val_blocks) == 0:
         raise UserError("the validation split is shorter than one block; raise --val-fraction "
                         "or lower --seq-len")
-    model.to(device)
+    # The peak is measured from here on: model, gradients, optimizer states and activations.
+    peak_memory = PeakMemory(device).start()
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg).to(device)
+    include_warm_start_params(model, cfg)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.rank, tc.grad_accum)
     tricks: CycleTricks | None = None  # built once the resumed step is known
     scheduler = build_scheduler(optimizer, cfg.schedule.name, tc.steps, cfg.warmup_steps,
@@ -172,8 +174,6 @@ def train(
 
     params = count_parameters(model)
     meta = {"config": cfg.to_dict(), "param_spec": param_spec(cfg).to_dict()}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     def checkpoint(at_step: int, sampler_state: dict[str, int]) -> Path:
         rng = {"cpu": torch.get_rng_state(),
@@ -247,7 +247,7 @@ def train(
         bar.close()
         final_ckpt = checkpoint(step, sampler.state_dict())
 
-    peak, peak_kind = peak_memory(device)
+    peak, peak_kind = peak_memory.result()
     if eval_step != step:
         last_eval = evaluate(model, val_blocks, tc.batch_size, tc.eval_batches, device, autocast)
     elapsed = elapsed_before + time.perf_counter() - loop_start
