@@ -1,4 +1,4 @@
-"""The `sltrain` command: `train` a model, account for its `memory` without training.
+"""The `sltrain` command: `train` a model, account for its `memory`, `bench` methods.
 
 User errors are printed as one line without a traceback, with exit status 2.
 """
@@ -144,6 +144,47 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from sltrain.bench import SuiteRunner, builtin_suites, load_suite, render
+
+    if args.suite == "list":
+        for name, path in sorted(builtin_suites().items()):
+            suite = load_suite(str(path))
+            runs = len(suite.runs())
+            print(f"{name:<8} {runs:>3} runs  {suite.description}\n{'':<8} {path}")
+        return 0
+    if args.suite == "report":
+        if not args.dir:
+            raise UserError("`sltrain bench report` needs the folder of a suite's results.csv")
+        path = render(Path(args.dir), Path(args.report_dir) if args.report_dir else None)
+        print(f"report written to {path}")
+        return 0
+    if args.dir:
+        raise UserError(f"unexpected argument {args.dir}; pass the output folder as --out")
+    suite = load_suite(args.suite)
+    extra = _overrides(args)
+    progress = extra.pop("train.progress", True) not in (False, "false", "0", "no")  # the suite's bar
+    for key in ("train.seed", "train.out_dir"):
+        if key in extra:
+            raise UserError(f"a suite sets {key} for each run; use --seeds and --out instead")
+    out = Path(args.out or f"runs/bench-{suite.name}")
+    runner = SuiteRunner(suite, out, suite.runs(args.seeds, args.only), args.jobs, extra,
+                         progress=progress)
+    if args.dry_run:
+        print("\n".join("sltrain " + " ".join(runner.command(r)) for r in runner.runs))
+        return 0
+    runner.check_reusable()
+    rows = runner.run()
+    path = render(out, Path(args.report_dir) if args.report_dir else None)
+    failed = [r for r in rows if r["status"] != "finished"]
+    print(f"{len(rows) - len(failed)}/{len(rows)} runs finished; results in {out / 'results.csv'}, "
+          f"report in {path}")
+    if runner.stopping.is_set():
+        print(f"interrupted; run the same command again to continue {out}", file=sys.stderr)
+        return 130
+    return 1 if failed else 0
+
+
 def _dtype_name(dtype: object) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -164,6 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_config_flags(p, sections=("model", "method", "optimizer"))
     p.set_defaults(func=cmd_memory)
+
+    p = sub.add_parser(
+        "bench", help="run a suite of methods under one budget and write the comparison report",
+        description="`sltrain bench SUITE` runs a suite (quick, paper, density, rank or a suite "
+        "file); `sltrain bench report DIR` rebuilds the report from DIR/results.csv; "
+        "`sltrain bench list` lists the built-in suites. Config flags apply to every run.")
+    p.add_argument("suite", help="a built-in suite, a suite .toml file, `report` or `list`")
+    p.add_argument("dir", nargs="?", help="with `report`: the folder holding results.csv")
+    p.add_argument("--out", help="folder for runs, results.csv and report (default: "
+                   "runs/bench-SUITE)")
+    p.add_argument("--report-dir", help="write report.md and plots here instead")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1; speeds are "
+                   "only comparable at 1 on a CPU)")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the suite's seeds")
+    p.add_argument("--only", nargs="+", help="run only these runs of the suite")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

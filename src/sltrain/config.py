@@ -219,7 +219,7 @@ class RunConfig(_Section):
 # Each field gets `--section.field`; field names are unique across sections, so each also gets a
 # bare `--field`. The "what is it" field of a section is spelled as the section (`--method`).
 _SECTION_KEY = {"name", "preset", "source"}
-_EXTRA_ALIASES = {"method.density": ["sp_ratio"]}
+_EXTRA_ALIASES = {"method.density": ["sp_ratio"], "model.preset": ["preset"]}
 
 
 def flag_table() -> dict[str, str]:
