@@ -108,8 +108,9 @@ def check_lines(checks: list[Check], variants: dict[str, Variant]) -> list[str]:
             continue
         holds = OPS[c.op](a, c.factor * b)
         factor = f"{c.factor:g} × " if c.factor != 1 else ""
+        fmt = _mb if c.metric.endswith("memory") else (lambda x: f"{x:.4g}")
         lines.append(f"- **{'holds' if holds else 'does not hold'}**: {c.claim} — {c.metric} "
-                     f"{c.left} {a:.4g} {c.op} {factor}{c.right} {b:.4g} "
+                     f"{c.left} {fmt(a)} {c.op} {factor}{c.right} {fmt(b)} "
                      f"(ratio {a / b:.3f})")
     return lines
 

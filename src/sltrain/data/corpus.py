@@ -59,6 +59,11 @@ def verify_checksum(path: Path) -> str | None:
 
 def data_files(source: str) -> list[Path]:
     path = resolve(source)
+    if source.startswith("hf:") and not path.exists():
+        raise UserError(
+            f"data source {source}: streaming Hugging Face datasets is not supported yet; save "
+            "the dataset as local .jsonl/.parquet files (datasets' to_json/to_parquet) and pass "
+            "their folder as --data")
     if not path.exists():
         raise UserError(
             f"data source {source} does not exist; pass --data embedded or a path to a "
