@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -23,16 +22,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from sltrain.config import load_config
-    from sltrain.measure import count_parameters, measure_memory
+    from sltrain.measure import count_parameters, measure_memory, rss_bytes
     from sltrain.model import build_model
     from sltrain.optim import build_optimizer
     from sltrain.train.evaluate import lm_loss
@@ -45,7 +39,7 @@ def worker(args: argparse.Namespace) -> dict:
                              "data.seq_len": args.seq_len, "train.device": args.device})
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    baseline = _rss_now()
+    baseline = rss_bytes()
     model = build_model(cfg).to(device)
     opt = build_optimizer(model, cfg.optimizer, cfg.rank)
     autocast = autocast_for(cfg, device)

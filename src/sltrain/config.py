@@ -309,13 +309,19 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 RESUME_LOCKED = ("model.", "method.", "data.", "train.batch_size", "train.grad_accum", "train.seed")
 
 
-def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
-    """The saved config of `run_dir` with `overrides` on top, refusing incompatible changes."""
+def saved_config(run_dir: Path) -> dict[str, Any]:
+    """The config tree a run saved in its folder (without the derived values)."""
     path = run_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.json); pass the folder of a run")
     saved = json.loads(path.read_text())
     saved.pop("derived", None)
+    return saved
+
+
+def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
+    """The saved config of `run_dir` with `overrides` on top, refusing incompatible changes."""
+    saved = saved_config(run_dir)
     flat = flatten(saved)
     clashes = [
         f"{k} ({flat.get(k)!r} -> {v!r})"

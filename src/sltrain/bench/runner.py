@@ -23,7 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from sltrain.bench.suite import RunSpec, Suite
-from sltrain.config import flatten, load_config
+from sltrain.config import flatten, load_config, saved_config
 from sltrain.errors import UserError
 from sltrain.train.checkpoint import list_checkpoints
 
@@ -51,12 +51,9 @@ def _finished(run_dir: Path) -> bool:
 
 def _config_clash(run_dir: Path, wanted: dict[str, Any]) -> list[str]:
     """Keys where the config saved in `run_dir` differs from the one the suite asks for."""
-    path = run_dir / "config.json"
-    if not path.is_file():
+    if not (run_dir / "config.json").is_file():
         return []
-    saved = json.loads(path.read_text())
-    saved.pop("derived", None)
-    saved_flat, wanted_flat = flatten(saved), flatten(wanted)
+    saved_flat, wanted_flat = flatten(saved_config(run_dir)), flatten(wanted)
     ignore = ("train.out_dir", "train.progress")
     return [k for k in sorted(set(saved_flat) | set(wanted_flat))
             if k not in ignore and saved_flat.get(k) != wanted_flat.get(k)]
@@ -103,6 +100,7 @@ class SuiteRunner:
         self.rows: dict[str, dict[str, Any]] = _previous_rows(out / "results.csv")
         self.order = [r.name for r in suite.runs()] + [r.name for r in runs]
         self.stopping = threading.Event()  # set by Ctrl-C: runs not yet started are skipped
+        self.steps: dict[str, int] = {}  # update steps of each run, for the progress bar
         self._lock = threading.Lock()
 
     # ---- one run -----------------------------------------------------------------------------
@@ -149,9 +147,9 @@ class SuiteRunner:
                 f.flush()
                 proc = subprocess.run([sys.executable, "-m", "sltrain", *args, "--progress", "false"],
                                       stdout=f, stderr=subprocess.STDOUT, env=self._env(slot))
-            if proc.returncode == 130 or self.stopping.is_set():
-                return self.row(run, status="interrupted", error="stopped; rerun to resume")
-            if proc.returncode != 0 and not _finished(run_dir):
+            if not _finished(run_dir):
+                if proc.returncode == 130 or self.stopping.is_set():
+                    return self.row(run, status="interrupted", error="stopped; rerun to resume")
                 return self.row(run, status="failed", error=f"exit {proc.returncode}: "
                                 f"{_last_error(log)}")
         return self.row(run, status="finished")
@@ -201,7 +199,7 @@ class SuiteRunner:
     def _steps_done(self, run: RunSpec) -> int:
         path = self.run_dir(run) / "metrics.jsonl"
         if _finished(self.run_dir(run)):
-            return load_config(None, self.overrides(run)).train.steps
+            return self.steps[run.name]
         try:
             with path.open() as f:
                 return sum(1 for _ in f)
@@ -211,8 +209,8 @@ class SuiteRunner:
     def run(self) -> list[dict[str, Any]]:
         self.out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.suite.path, self.out / "suite.toml")
-        total = sum(load_config(None, self.overrides(r)).train.steps for r in self.runs)
-        bar = tqdm(total=total, unit="step", disable=not self.progress, dynamic_ncols=True,
+        self.steps = {r.name: load_config(None, self.overrides(r)).train.steps for r in self.runs}
+        bar = tqdm(total=sum(self.steps.values()), unit="step", disable=not self.progress, dynamic_ncols=True,
                    desc=f"bench {self.suite.name}")
         slots = list(range(self.jobs))
         done_now: set[str] = set()

@@ -191,5 +191,4 @@ def validate_run(cfg: RunConfig) -> None:
     from sltrain.model import build_model
     from sltrain.optim import validate
 
-    build_model(cfg, device="meta")
-    validate(cfg)
+    validate(cfg, build_model(cfg, device="meta"))

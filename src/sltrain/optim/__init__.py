@@ -81,14 +81,15 @@ def build_optimizer(
     return optimizer
 
 
-def validate(cfg: RunConfig) -> None:
+def validate(cfg: RunConfig, meta_model: nn.Module | None = None) -> None:
     """Refuse optimizer settings that cannot work, before any data or model work is done: the
-    optimizer is built once over the meta-device model (no memory), so every check it makes
-    (ranks, clipping with per-layer updates, 8-bit support) runs here."""
+    optimizer is built once over the meta-device model (no memory; built here unless the caller
+    has one), so every check it makes (ranks, clipping with per-layer updates, 8-bit support)
+    runs here."""
     from sltrain.model import build_model
 
     tricks.validate(cfg)
-    optimizer = build_optimizer(build_model(cfg, torch.device("meta")), cfg.optimizer, cfg.rank,
-                                cfg.train.grad_accum)
+    model = meta_model if meta_model is not None else build_model(cfg, torch.device("meta"))
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.rank, cfg.train.grad_accum)
     if isinstance(optimizer, per_layer.PerLayerOptimizer):
         optimizer.remove_hooks()

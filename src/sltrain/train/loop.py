@@ -129,8 +129,8 @@ def train(
     if run_dir is None:
         run_dir = ckpt.parent.parent if ckpt else new_run_dir(cfg)
 
-    build_model(cfg, device="meta")  # validates rank/density against the shapes before any data
-    validate_optimizer(cfg)
+    # Rank/density against the shapes and the optimizer settings, before any data work.
+    validate_optimizer(cfg, build_model(cfg, device="meta"))
     vocab = cfg.model_dims()["vocab_size"]
     tokenizer_file = run_dir / "tokenizer.json"
     data = prepare(cfg.data, vocab, tokenizer_file if ckpt else None)
