@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -17,8 +18,10 @@ from sltrain.config import (
     flag_table,
     flatten,
     load_config,
+    locked_differences,
     read_config_file,
     resume_config,
+    saved_config,
 )
 from sltrain.errors import UserError
 
@@ -63,9 +66,24 @@ def _fmt_count(n: int) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sltrain.train import train
+    from sltrain.train.checkpoint import list_checkpoints
 
     overrides = _overrides(args)
-    if args.resume:
+    if args.resume == "auto":
+        # Continue the newest complete checkpoint of --out-dir if there is one, else start it.
+        cfg = load_config(args.config, overrides)
+        if not cfg.train.out_dir:
+            raise UserError("--resume auto needs --out-dir, the run folder to continue or start")
+        run_dir = Path(cfg.train.out_dir)
+        if list_checkpoints(run_dir):
+            clashes = locked_differences(saved_config(run_dir), flatten(cfg.to_dict()))
+            if clashes:
+                raise UserError(f"run folder {run_dir} was made by another config "
+                                f"({', '.join(clashes)}); pass another --out-dir or the same flags")
+            summary = train(cfg, run_dir=run_dir, resume=run_dir)
+        else:
+            summary = train(cfg)
+    elif args.resume:
         resume = Path(args.resume)
         if not resume.exists():
             raise UserError(f"--resume {resume} does not exist; pass a run folder or checkpoint")
@@ -77,6 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, overrides)
         summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0 if summary["status"] == "finished" else 130  # rank 0 reports
     _print_summary(summary)
     if summary["status"] != "finished":
         print(f"{summary['status']} at step {summary['step']}; checkpoint saved in "
@@ -195,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="pretrain a model on a corpus")
     p.add_argument("--config", help="a .toml/.yaml/.json config file; flags override it")
-    p.add_argument("--resume", help="a run folder (newest checkpoint) or a checkpoint folder")
+    p.add_argument("--resume", help="a run folder (newest checkpoint), a checkpoint folder, or "
+                   "`auto`: continue --out-dir if it holds a checkpoint, else start it")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 

@@ -160,6 +160,19 @@ class TrainConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     out_dir: str | None = None
     progress: bool = True
+    # A non-finite loss skips its update step; this many in a row stop the run (last good state saved).
+    max_nonfinite_steps: int = Field(5, gt=0)
+    # Under torchrun: "ddp" replicates the model, "fsdp" shards it (FSDP2); ignored in one process.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # Metrics go to RUN/metrics.jsonl always, and to these sinks when named.
+    log_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    wandb_project: str = "sltrain"
+    wandb_mode: Literal["offline", "online"] = "offline"
+
+    @field_validator("log_to", mode="before")
+    @classmethod
+    def _split_sinks(cls, v: Any) -> Any:
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
 
 
 class RunConfig(_Section):
@@ -319,15 +332,20 @@ def saved_config(run_dir: Path) -> dict[str, Any]:
     return saved
 
 
+def locked_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The keys of `new` (dotted) that a run saved as `saved` (a tree) cannot continue with."""
+    flat = flatten(saved)
+    return [
+        f"{k} ({flat.get(k)!r} -> {v!r})"
+        for k, v in new.items()
+        if k.startswith(RESUME_LOCKED) and str(flat.get(k)) != str(v)
+    ]
+
+
 def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
     """The saved config of `run_dir` with `overrides` on top, refusing incompatible changes."""
     saved = saved_config(run_dir)
-    flat = flatten(saved)
-    clashes = [
-        f"{k} ({flat.get(k)!r} -> {v!r})"
-        for k, v in overrides.items()
-        if k.startswith(RESUME_LOCKED) and str(flat.get(k)) != str(v)
-    ]
+    clashes = locked_differences(saved, overrides)
     if clashes:
         raise UserError(
             f"cannot resume {run_dir} with a different {', '.join(clashes)}; drop these "

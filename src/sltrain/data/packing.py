@@ -57,13 +57,16 @@ class BlockSampler:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return torch.randperm(len(self.blocks), generator=g)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch; with `world` > 1, slice `rank` of it (every rank draws the same
+        indices, so the slices never overlap and together are the single-process batch)."""
         if self.position + self.batch_size > len(self.blocks):
             self.epoch, self.position = self.epoch + 1, 0
             self._perm = self._permutation()
         idx = self._perm[self.position : self.position + self.batch_size]
         self.position += self.batch_size
-        return self.blocks.batch(idx.tolist())
+        per_rank = self.batch_size // world
+        return self.blocks.batch(idx[rank * per_rank : (rank + 1) * per_rank].tolist())
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}

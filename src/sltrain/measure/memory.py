@@ -37,7 +37,13 @@ class MemoryBreakdown:
         return {**asdict(self), "total": self.total}
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (FSDP); any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _bytes(t: torch.Tensor) -> int:
+    t = _local(t)
     return t.numel() * t.element_size()
 
 
@@ -103,14 +109,15 @@ def state_dict_bytes(optimizer: torch.optim.Optimizer) -> int:
     shared between parameters, like bitsandbytes' quantisation maps, are held once)."""
     seen: dict[tuple[torch.device, int], int] = {}
     for t in _tensors(optimizer.state_dict()):
-        storage = t.untyped_storage()
+        storage = _local(t).untyped_storage()
         seen[(t.device, storage.data_ptr())] = storage.nbytes()
     return sum(seen.values())
 
 
 def measure_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> MemoryBreakdown:
-    """Bytes the live tensors hold; gradients are counted as allocated at the peak of a step."""
-    params = list(model.parameters())
+    """Bytes the live tensors of this process hold (its shards under FSDP); gradients are counted
+    as allocated at the peak of a step."""
+    params = [_local(p) for p in model.parameters()]
     trainable = [p for p in params if p.requires_grad]
     per_layer = hasattr(optimizer, "grad_accum")
     size = params[0].element_size() if params else 4

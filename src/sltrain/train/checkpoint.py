@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +32,19 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], meta: dict[str, Any],
-    keep: int,
+    run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
+    meta: dict[str, Any], keep: int,
 ) -> Path:
+    """Write `weights` (a model state dict) and the training `state` as checkpoint `step`: every
+    file fsynced in a temporary folder that is then renamed, so a crash at any point leaves the
+    previous checkpoints intact and never a half-written `step_*` folder."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     save_file(tensors, str(tmp / MODEL_FILE), metadata={"sltrain": json.dumps(meta)})
     torch.save(state, tmp / STATE_FILE)
     for f in tmp.iterdir():
@@ -72,11 +76,17 @@ def find_checkpoint(path: Path) -> Path:
     return found[-1]
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module) -> dict[str, Any]:
-    """Load weights (support included) into `model`; return the training state."""
+def load_checkpoint(ckpt: Path, model: nn.Module | None = None,
+                    load_weights: Callable[[dict[str, torch.Tensor]], None] | None = None,
+                    ) -> dict[str, Any]:
+    """Load the weights (support included) into `model`, or hand them to `load_weights`; return
+    the training state."""
     try:
         tensors = load_file(str(ckpt / MODEL_FILE))
-        model.load_state_dict(tensors, strict=True)
+        if load_weights is not None:
+            load_weights(tensors)
+        elif model is not None:
+            model.load_state_dict(tensors, strict=True)
         return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise UserError(f"checkpoint {ckpt} is incomplete ({e.filename} missing); "

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sltrain.data.packing import Blocks
+from sltrain.train.distributed import World
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -19,20 +20,42 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 @torch.no_grad()
 def evaluate(
     model: nn.Module, blocks: Blocks, batch_size: int, max_batches: int, device: torch.device,
-    autocast: AbstractContextManager,
+    autocast: AbstractContextManager, world: World | None = None,
 ) -> dict[str, float]:
-    """Token-weighted mean loss over the first `max_batches * batch_size` blocks (all if fewer)."""
+    """Token-weighted mean loss over the first `max_batches * batch_size` blocks (all if fewer).
+
+    Under torchrun each rank takes every `world.size`-th block and the sums are reduced; every
+    rank runs the same number of forward passes (FSDP gathers weights in each), padding with a
+    block that is not counted.
+    """
     was_training = model.training
     model.eval()
     n = min(len(blocks), max_batches * batch_size)
     total_loss, total_tokens = 0.0, 0
-    for start in range(0, n, batch_size):
-        x, y = blocks.batch(range(start, min(n, start + batch_size)))
-        x, y = x.to(device), y.to(device)
-        with autocast:
-            logits = model(x)
-        total_loss += lm_loss(logits, y, reduction="sum").item()
-        total_tokens += y.numel()
+    if world is None or not world.active:
+        for start in range(0, n, batch_size):
+            x, y = blocks.batch(range(start, min(n, start + batch_size)))
+            x, y = x.to(device), y.to(device)
+            with autocast:
+                logits = model(x)
+            total_loss += lm_loss(logits, y, reduction="sum").item()
+            total_tokens += y.numel()
+    else:
+        mine = list(range(world.rank, n, world.size))
+        padded = mine + [0] * (-(-n // world.size) - len(mine))
+        per_rank = max(1, batch_size // world.size)
+        for start in range(0, len(padded), per_rank):
+            idx = padded[start : start + per_rank]
+            x, y = blocks.batch(idx)
+            x, y = x.to(device), y.to(device)
+            with autocast:
+                logits = model(x)
+            rows = lm_loss(logits, y, reduction="none").view(len(idx), -1).sum(1)
+            counted = min(len(idx), max(0, len(mine) - start))
+            total_loss += rows[:counted].sum().item()
+            total_tokens += counted * y.shape[1]
+        total_loss, total_tokens = world.sum([total_loss, float(total_tokens)])
+        total_tokens = int(total_tokens)
     model.train(was_training)
     loss = total_loss / total_tokens
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": total_tokens}

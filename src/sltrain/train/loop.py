@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sltrain.config import RunConfig
+from sltrain.config import RunConfig, flatten, locked_differences, saved_config
 from sltrain.data import Blocks, BlockSampler, prepare
 from sltrain.errors import UserError
 from sltrain.measure import PeakMemory, count_parameters, estimate_memory, measure_memory
@@ -27,6 +27,7 @@ from sltrain.model import build_model, param_spec
 from sltrain.optim import build_optimizer
 from sltrain.optim import validate as validate_optimizer
 from sltrain.optim.tricks import CycleTricks, include_warm_start_params
+from sltrain.train import distributed
 from sltrain.train.checkpoint import (
     find_checkpoint,
     list_checkpoints,
@@ -34,6 +35,7 @@ from sltrain.train.checkpoint import (
     save_checkpoint,
 )
 from sltrain.train.evaluate import evaluate, lm_loss
+from sltrain.train.loggers import MetricLoggers
 from sltrain.train.schedule import build_scheduler
 
 
@@ -66,9 +68,11 @@ def new_run_dir(cfg: RunConfig) -> Path:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{cfg.model.preset}-{cfg.method.name}-{stamp}"
     if list_checkpoints(run_dir):
+        clashes = locked_differences(saved_config(run_dir), flatten(cfg.to_dict()))
+        why = (f" made by another config ({', '.join(clashes)})" if clashes else "")
         raise UserError(
-            f"run folder {run_dir} already holds checkpoints; continue it with --resume {run_dir} "
-            "or pass another --out-dir"
+            f"run folder {run_dir} already holds checkpoints{why}; continue it with --resume "
+            f"{run_dir} (or --resume auto), or pass another --out-dir"
         )
     return run_dir
 
@@ -97,18 +101,6 @@ class _StopFlag:
             signal.signal(s, handler)
 
 
-def _write_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records a resumed run will write again (those after its checkpoint)."""
-    if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
-
-
 def train(
     cfg: RunConfig,
     run_dir: Path | None = None,
@@ -119,26 +111,32 @@ def train(
 
     `resume` is a run folder or checkpoint folder to continue from; `run_dir` defaults to a new
     folder under runs/ (or the resumed run's folder). `on_step(step, record)` runs after each
-    update step.
+    update step. Under torchrun every process calls this; rank 0 writes the files.
     """
     wall_start = time.perf_counter()
     tc = cfg.train
-    device = resolve_device(tc.device)
+    world, device = distributed.init(cfg, resolve_device(tc.device))
     autocast = autocast_for(cfg, device)
     ckpt = find_checkpoint(resume) if resume else None
     if run_dir is None:
-        run_dir = ckpt.parent.parent if ckpt else new_run_dir(cfg)
+        run_dir = ckpt.parent.parent if ckpt else world.broadcast(new_run_dir(cfg) if world.main
+                                                                  else None)
 
     # Rank/density against the shapes and the optimizer settings, before any data work.
     validate_optimizer(cfg, build_model(cfg, device="meta"))
     vocab = cfg.model_dims()["vocab_size"]
     tokenizer_file = run_dir / "tokenizer.json"
+    if not world.main:
+        world.barrier()  # rank 0 tokenises and fills the cache first; the others read it
     data = prepare(cfg.data, vocab, tokenizer_file if ckpt else None)
-    run_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs have proven valid
-    data.tokenizer.save(str(tokenizer_file))
-    derived = {"rank": cfg.rank, "lora_alpha": cfg.lora_alpha, "density": cfg.density,
-               "warmup_steps": cfg.warmup_steps, "tokens_per_step": cfg.tokens_per_step}
-    (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "derived": derived}, indent=2))
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs have proven valid
+        data.tokenizer.save(str(tokenizer_file))
+        derived = {"rank": cfg.rank, "lora_alpha": cfg.lora_alpha, "density": cfg.density,
+                   "warmup_steps": cfg.warmup_steps, "tokens_per_step": cfg.tokens_per_step}
+        (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "derived": derived},
+                                                        indent=2))
+        world.barrier()
 
     sampler = BlockSampler(Blocks(data.train, cfg.data.seq_len), tc.batch_size, tc.seed)
     val_blocks = Blocks(data.val, cfg.data.seq_len)
@@ -148,71 +146,89 @@ def train(
     # The peak is measured from here on: model, gradients, optimizer states and activations.
     peak_memory = PeakMemory(device).start()
     torch.manual_seed(tc.seed)
-    model = build_model(cfg).to(device)
-    include_warm_start_params(model, cfg)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.rank, tc.grad_accum)
+    raw_model = build_model(cfg).to(device)
+    include_warm_start_params(raw_model, cfg)
+    model = distributed.wrap(raw_model, world, device)
+    optimizer = build_optimizer(raw_model, cfg.optimizer, cfg.rank, tc.grad_accum)
     tricks: CycleTricks | None = None  # built once the resumed step is known
     scheduler = build_scheduler(optimizer, cfg.schedule.name, tc.steps, cfg.warmup_steps,
                                 cfg.schedule.min_lr_ratio, cfg.schedule.restart_warmup,
                                 lambda s: tricks.cycle_start(s) if tricks else None)
 
-    step, tokens_seen, elapsed_before = 0, 0, 0.0
-    metrics_path = run_dir / "metrics.jsonl"
+    step, tokens_seen, elapsed_before, skipped = 0, 0, 0.0, 0
     if ckpt:
-        state = load_checkpoint(ckpt, model)
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_checkpoint(
+            ckpt, load_weights=lambda t: distributed.load_model_state(model, world, t))
+        distributed.load_optimizer_state(model, optimizer, world, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng"]["cpu"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         step, tokens_seen, elapsed_before = state["step"], state["tokens_seen"], state["elapsed_s"]
-        _truncate_metrics(metrics_path, step)
-    elif metrics_path.exists():
-        metrics_path.unlink()
-    tricks = CycleTricks(model, optimizer, cfg, start_step=step)
+        skipped = state.get("skipped_nonfinite", 0)
+    tricks = CycleTricks(raw_model, optimizer, cfg, start_step=step)
+    loggers = MetricLoggers(run_dir, cfg, step if ckpt else None) if world.main else None
 
-    params = count_parameters(model)
+    params = count_parameters(raw_model)
     meta = {"config": cfg.to_dict(), "param_spec": param_spec(cfg).to_dict()}
 
-    def checkpoint(at_step: int, sampler_state: dict[str, int]) -> Path:
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        state = {"step": at_step, "tokens_seen": tokens_seen, "sampler": sampler_state,
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng, "elapsed_s": elapsed_before + time.perf_counter() - loop_start}
-        return save_checkpoint(run_dir, at_step, model, state, meta, tc.keep_checkpoints)
+    def checkpoint(at_step: int) -> Path:
+        """Every rank gathers (FSDP needs all); rank 0 writes; all wait for the file."""
+        weights = distributed.model_state(model, world)
+        optim_state = distributed.optimizer_state(model, optimizer, world)
+        path = run_dir / "checkpoints" / f"step_{at_step:07d}"
+        if world.main:
+            rng = {"cpu": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+            state = {"step": at_step, "tokens_seen": tokens_seen, "sampler": sampler.state_dict(),
+                     "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng,
+                     "elapsed_s": elapsed_before + time.perf_counter() - loop_start,
+                     "skipped_nonfinite": skipped}
+            path = save_checkpoint(run_dir, at_step, weights, state, meta, tc.keep_checkpoints)
+        world.barrier()
+        return path
 
     last_eval: dict[str, float] = {}
     eval_step = -1
     interrupted = None
-    bar = tqdm(total=tc.steps, initial=step, disable=not tc.progress, unit="step",
+    bar = tqdm(total=tc.steps, initial=step, disable=not (tc.progress and world.main), unit="step",
                dynamic_ncols=True, desc=f"{cfg.method.name}")
     loop_start = time.perf_counter()
     step_time, step_tokens = 0.0, 0  # this invocation's update steps only (no eval, no saving)
+    in_a_row = 0  # non-finite losses since the last good step
     model.train()
     with _StopFlag() as stop:
         while step < tc.steps:
             t0 = time.perf_counter()
-            sampler_state = sampler.state_dict()
             loss_sum = 0.0
-            for _ in range(tc.grad_accum):
-                x, y = sampler.next_batch()
+            for micro in range(tc.grad_accum):
+                x, y = sampler.next_batch(world.rank, world.size)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast:
-                    logits = model(x)
-                loss = lm_loss(logits, y)
-                (loss / tc.grad_accum).backward()
+                with distributed.no_sync(model, last=micro == tc.grad_accum - 1):
+                    with autocast:
+                        logits = model(x)
+                    loss = lm_loss(logits, y)
+                    (loss / tc.grad_accum).backward()
                 loss_sum += loss.item()
+            loss_sum = world.mean(loss_sum)
             if not math.isfinite(loss_sum):
+                # Skip the update: the weights, optimizer and schedule stay at the last good step.
                 optimizer.zero_grad(set_to_none=True)
-                saved = checkpoint(step, sampler_state)
-                raise UserError(f"loss became {loss_sum} at step {step + 1}; the last good state "
-                                f"is saved in {saved}; lower --lr or raise --warmup-steps")
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                bar.write(f"step {step + 1}: loss {loss_sum}, update skipped ({in_a_row} in a row)")
+                if in_a_row >= tc.max_nonfinite_steps:
+                    saved = checkpoint(step)
+                    raise UserError(
+                        f"loss was {loss_sum} for {in_a_row} update steps in a row at step "
+                        f"{step + 1}; the last good state is saved in {saved}; resume it with a "
+                        "lower --lr or a higher --warmup-steps")
+                continue
+            in_a_row = 0
             clip = cfg.optimizer.grad_clip
             # Which parameters train can change during a run (ReLoRA's warm start): ask each step.
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip).item() if clip else None
+            trainable = [p for p in raw_model.parameters() if p.requires_grad]
+            grad_norm = _total_norm(torch.nn.utils.clip_grad_norm_(trainable, clip)) if clip else None
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -226,30 +242,35 @@ def train(
                       "grad_norm": grad_norm, "tokens": tokens_seen,
                       "tok_per_s": cfg.tokens_per_step / dt,
                       "elapsed_s": elapsed_before + time.perf_counter() - loop_start, **events}
+            if skipped:
+                record["skipped_nonfinite"] = skipped
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
                 last_eval = evaluate(model, val_blocks, tc.batch_size, tc.eval_batches,
-                                     device, autocast)
+                                     device, autocast, world)
                 record.update(last_eval)
                 eval_step = step
                 bar.write(f"step {step}: val loss {last_eval['val_loss']:.4f}, "
                           f"ppl {last_eval['val_ppl']:.2f}")
-            _write_jsonl(metrics_path, record)
+            if loggers:
+                loggers.log(record)
             bar.update(1)
             if step % tc.log_every == 0 or step == tc.steps:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
             if tc.save_every and step % tc.save_every == 0 and step < tc.steps:
-                checkpoint(step, sampler.state_dict())
+                checkpoint(step)
             if on_step:
                 on_step(step, record)
-            if stop.signal is not None:
-                interrupted = signal.Signals(stop.signal).name
+            # Every rank stops at the same step (torchrun signals each process on its own).
+            if world.any(stop.signal is not None):
+                interrupted = signal.Signals(stop.signal or signal.SIGTERM).name
                 break
         bar.close()
-        final_ckpt = checkpoint(step, sampler.state_dict())
+        final_ckpt = checkpoint(step)
 
     peak, peak_kind = peak_memory.result()
     if eval_step != step:
-        last_eval = evaluate(model, val_blocks, tc.batch_size, tc.eval_batches, device, autocast)
+        last_eval = evaluate(model, val_blocks, tc.batch_size, tc.eval_batches, device, autocast,
+                             world)
     elapsed = elapsed_before + time.perf_counter() - loop_start
     summary = {
         "run_dir": str(run_dir),
@@ -261,16 +282,27 @@ def train(
         "preset": cfg.model.preset,
         **{k: v for k, v in last_eval.items()},
         "params": params,
-        "training_state_bytes": measure_memory(model, optimizer).to_dict(),
-        "estimated_state_bytes": estimate_memory(model, next(model.parameters()).dtype,
+        "training_state_bytes": measure_memory(raw_model, optimizer).to_dict(),
+        "estimated_state_bytes": estimate_memory(raw_model, next(raw_model.parameters()).dtype,
                                                  cfg.optimizer, cfg.rank, tc.grad_accum).to_dict(),
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
         "tokens_seen": tokens_seen,
+        "skipped_nonfinite": skipped,
         "train_time_s": elapsed,
         "tok_per_s": step_tokens / step_time if step_time > 0 else 0.0,
         "wall_time_s": time.perf_counter() - wall_start,
         "device": str(device),
+        "world_size": world.size,
+        "parallel": world.parallel if world.active else "none",
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if loggers:
+        loggers.close(summary)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _total_norm(norm: torch.Tensor) -> float:
+    """The gradient norm clip_grad_norm_ returns, as a number (a DTensor under FSDP)."""
+    full = getattr(norm, "full_tensor", None)
+    return (full() if full else norm).item()

@@ -1,0 +1,87 @@
+"""torchrun data-parallel training on CPU (gloo): DDP and FSDP2 against one process."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from sltrain.config import load_config
+from sltrain.errors import UserError
+from sltrain.train import train
+from sltrain.train.distributed import World, check
+
+# Two processes reduce gradients in another order than one: losses agree to rounding.
+RTOL = 1e-5
+
+
+def losses(run_dir):
+    return [json.loads(ln)["loss"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def as_flags(overrides):
+    return [a for k, v in overrides.items() for a in (f"--{k}", str(v))]
+
+
+def torchrun(overrides, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "sltrain", "train", "--device", "cpu",
+           *as_flags(overrides)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture
+def base(tiny):
+    return {**tiny, "train.steps": 8, "train.eval_every": 4, "train.grad_accum": 2}
+
+
+def test_ddp_and_fsdp_match_one_process(base, tmp_path):
+    one = train(load_config(None, {**base, "train.out_dir": str(tmp_path / "one")}))
+    expected = losses(tmp_path / "one")
+    for parallel in ("ddp", "fsdp"):
+        out = tmp_path / parallel
+        torchrun({**base, "train.out_dir": out, "train.parallel": parallel})
+        got = losses(out)
+        assert got == pytest.approx(expected, rel=RTOL), parallel
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["parallel"] == parallel
+        assert summary["val_loss"] == pytest.approx(one["val_loss"], rel=RTOL)
+        assert summary["tokens_seen"] == one["tokens_seen"]
+
+
+def test_fsdp_checkpoint_resumes_in_one_process(base, tmp_path):
+    run = tmp_path / "fsdp"
+    torchrun({**base, "train.out_dir": run, "train.parallel": "fsdp", "train.save_every": 4,
+              "train.eval_every": 0})
+    expected = losses(run)
+    # The checkpoint holds full (gathered) tensors, so one process can continue it.
+    shutil.rmtree(run / "checkpoints" / "step_0000008")
+    proc = subprocess.run([sys.executable, "-m", "sltrain", "train", "--resume", str(run)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert losses(run) == pytest.approx(expected, rel=RTOL)
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        ({"train.batch_size": 7}, "multiple of 2"),
+        ({"optimizer.per_layer_updates": True, "optimizer.grad_clip": 0.0}, "per-layer-updates"),
+        ({"train.parallel": "fsdp", "optimizer.name": "galore"}, "--parallel ddp"),
+        ({"train.parallel": "fsdp", "optimizer.name": "muon"}, "--parallel ddp"),
+        ({"train.parallel": "fsdp", "method.name": "relora", "optimizer.reset_every": 5},
+         "--parallel ddp"),
+        ({"method.name": "relora", "method.warm_start_steps": 2, "optimizer.reset_every": 5},
+         "--warm-start-steps 0"),
+    ],
+)
+def test_what_cannot_run_data_parallel_is_refused(tiny, overrides, needle):
+    cfg = load_config(None, {**tiny, **overrides})
+    with pytest.raises(UserError, match=needle.replace("-", r"\-")):
+        check(cfg, World(0, 2, 0, cfg.train.parallel))
+    check(cfg, World())  # one process: nothing to refuse
