@@ -272,6 +272,8 @@ def train(
         last_eval = evaluate(model, val_blocks, tc.batch_size, tc.eval_batches, device, autocast,
                              world)
     elapsed = elapsed_before + time.perf_counter() - loop_start
+    if hasattr(model, "reshard"):  # FSDP2 leaves the root's weights gathered after a forward
+        model.reshard()
     summary = {
         "run_dir": str(run_dir),
         "checkpoint": str(final_ckpt),
