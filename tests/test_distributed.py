@@ -85,3 +85,14 @@ def test_what_cannot_run_data_parallel_is_refused(tiny, overrides, needle):
     with pytest.raises(UserError, match=needle.replace("-", r"\-")):
         check(cfg, World(0, 2, 0, cfg.train.parallel))
     check(cfg, World())  # one process: nothing to refuse
+
+
+@pytest.mark.parametrize("setup", [
+    {"method.name": "relora", "optimizer.reset_every": 3},  # merges and redraws on every rank
+    {"method.name": "full", "optimizer.name": "galore", "optimizer.proj_rank": 8,
+     "optimizer.update_proj_gap": 3},  # SVD projectors of the reduced gradients
+])
+def test_ddp_matches_one_process_for_stateful_methods(base, tmp_path, setup):
+    train(load_config(None, {**base, **setup, "train.out_dir": str(tmp_path / "one")}))
+    torchrun({**base, **setup, "train.out_dir": tmp_path / "ddp"})
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "one"), rel=RTOL)
