@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from sltrain.config import RunConfig
-from sltrain.data import Blocks, BlockSampler, prepare
+from sltrain.data import Blocks, BlockSampler, prepare, prepare_options, save_tokenizer
 from sltrain.errors import UserError
 from sltrain.measure import PeakMemory, count_parameters, estimate_memory, measure_memory
 from sltrain.model import build_model, param_spec
@@ -133,9 +133,9 @@ def train(
     validate_optimizer(cfg, build_model(cfg, device="meta"))
     vocab = cfg.model_dims()["vocab_size"]
     tokenizer_file = run_dir / "tokenizer.json"
-    data = prepare(cfg.data, vocab, tokenizer_file if ckpt else None)
+    data = prepare(cfg.data, vocab, tokenizer_file if ckpt else None, **prepare_options(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs have proven valid
-    data.tokenizer.save(str(tokenizer_file))
+    save_tokenizer(data.tokenizer, data.eos_token, run_dir, cfg.data.tokenizer)
     derived = {"rank": cfg.rank, "lora_alpha": cfg.lora_alpha, "density": cfg.density,
                "warmup_steps": cfg.warmup_steps, "tokens_per_step": cfg.tokens_per_step}
     (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "derived": derived}, indent=2))
