@@ -7,6 +7,10 @@ import pytest
 
 from sltrain.data.corpus import embedded_path
 
+# Tests never reach the Hugging Face Hub: an unknown name fails at once instead of retrying.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):

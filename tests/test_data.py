@@ -107,10 +107,3 @@ def test_blocks_and_resumable_sampler():
         assert (c.next_batch()[0] == seen[i]).all()
     with pytest.raises(UserError, match="fewer than one batch"):
         BlockSampler(Blocks(tokens[:50], 10), batch_size=8, seed=0)
-
-
-def test_hf_source_is_refused_with_the_local_file_route():
-    from sltrain.data.corpus import data_files
-
-    with pytest.raises(UserError, match="not supported yet.*pass their folder as --data"):
-        data_files("hf:allenai/c4:en")

@@ -1,4 +1,5 @@
-"""The `sltrain` command: `train` a model, account for its `memory`, `bench` methods.
+"""The `sltrain` command: `train` a model, account for its `memory`, `bench` methods, `data
+prepare` a corpus.
 
 User errors are printed as one line without a traceback, with exit status 2.
 """
@@ -9,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -164,6 +166,25 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from sltrain.data import prepare, prepare_options, write_token_folder
+
+    cfg = load_config(args.config, _overrides(args))
+    start = time.perf_counter()
+    data = prepare(cfg.data, cfg.model_dims()["vocab_size"], **prepare_options(cfg))
+    folder = data.folder
+    if args.out:
+        folder = Path(args.out)
+        write_token_folder(data, folder)
+    how = "tokenised" if data.built else "found in the cache"
+    print(f"{len(data.train):,} train + {len(data.val):,} validation tokens "
+          f"({data.train.dtype.name}) of {cfg.data.source}, tokenizer {data.meta.get('tokenizer')} "
+          f"(EOS {data.eos_token}), {how} in {time.perf_counter() - start:.1f} s")
+    use = f"--data {folder}" if args.out else "the same data flags"
+    print(f"token folder: {folder}; `sltrain train` with {use} reads it without tokenising")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from sltrain.bench import SuiteRunner, builtin_suites, load_suite, render
 
@@ -226,6 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_config_flags(p, sections=("model", "method", "optimizer"))
     p.set_defaults(func=cmd_memory)
+
+    p = sub.add_parser(
+        "data", help="tokenise a corpus once into memory-mapped token files",
+        description="`sltrain data prepare` tokenises --data with --tokenizer into the cache that "
+        "`sltrain train` reads (same flags: same data), or with --out DIR into a folder that "
+        "`--data DIR` trains on. It takes the flags of `sltrain train`; those choosing the data, "
+        "the vocabulary and the token budget (steps, batch size, --max-tokens) matter.")
+    p.add_argument("action", choices=["prepare"], help="prepare: tokenise and save")
+    p.add_argument("--config", help="a .toml/.yaml/.json config file; flags override it")
+    p.add_argument("--out", help="write a self-contained token folder here instead of the cache")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser(
         "bench", help="run a suite of methods under one budget and write the comparison report",

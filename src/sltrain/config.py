@@ -99,6 +99,17 @@ class DataConfig(_Section):
     text_field: str = "text"
     seq_len: int = Field(128, gt=1)
     val_fraction: float = Field(0.05, gt=0, lt=0.5)
+    # "bpe" trains a byte-level BPE on the corpus; else a Hugging Face tokenizer name (t5-base),
+    # a local tokenizer folder or a tokenizer.json.
+    tokenizer: str = "bpe"
+    # Training tokens to read (default: a local source whole; an hf: source what the run's steps
+    # use) and validation tokens (default: a local source's whole held-out text; for an hf:
+    # source what evaluation reads).
+    max_tokens: int | None = Field(None, gt=0)
+    val_tokens: int | None = Field(None, gt=0)
+    # Splits of an hf: dataset; one without `val_split` holds out the tail of each document.
+    train_split: str = "train"
+    val_split: str = "validation"
 
 
 OPTIMIZER_NAMES = Literal[
@@ -333,8 +344,9 @@ def saved_config(run_dir: Path) -> dict[str, Any]:
 
 
 def locked_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """The keys of `new` (dotted) that a run saved as `saved` (a tree) cannot continue with."""
-    flat = flatten(saved)
+    """The keys of `new` (dotted) that a run saved as `saved` (a tree) cannot continue with.
+    A key the saved config lacks (a run made before the key existed) counts as its default."""
+    flat = {**flatten(RunConfig().to_dict()), **flatten(saved)}
     return [
         f"{k} ({flat.get(k)!r} -> {v!r})"
         for k, v in new.items()

@@ -1,4 +1,4 @@
-"""Corpus sources: the embedded default corpus and local text, JSON-lines and Parquet files.
+"""Local corpus sources: the embedded default corpus and text, JSON-lines and Parquet files.
 
 Every source yields a list of document texts; a sibling `<file>.sha256` is verified when present.
 """
@@ -59,15 +59,10 @@ def verify_checksum(path: Path) -> str | None:
 
 def data_files(source: str) -> list[Path]:
     path = resolve(source)
-    if source.startswith("hf:") and not path.exists():
-        raise UserError(
-            f"data source {source}: streaming Hugging Face datasets is not supported yet; save "
-            "the dataset as local .jsonl/.parquet files (datasets' to_json/to_parquet) and pass "
-            "their folder as --data")
     if not path.exists():
         raise UserError(
-            f"data source {source} does not exist; pass --data embedded or a path to a "
-            f"{'/'.join(SUFFIXES)} file or a folder of them"
+            f"data source {source} does not exist; pass --data embedded, a path to a "
+            f"{'/'.join(SUFFIXES)} file or a folder of them, or hf:NAME[:CONFIG]"
         )
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in SUFFIXES)
@@ -159,13 +154,19 @@ def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], li
     """
     train, val = [], []
     for doc in docs:
-        cut = int(len(doc) * (1 - val_fraction))
-        line_break = doc.rfind("\n", 0, cut)
-        cut = line_break + 1 if line_break > 0 else cut
-        train.append(doc[:cut])
-        if doc[cut:].strip():
-            val.append(doc[cut:])
+        head, tail = split_document(doc, val_fraction)
+        train.append(head)
+        if tail is not None:
+            val.append(tail)
     if not val:
         raise UserError("the data is too small to hold out a validation split; add more text "
                         "or raise --val-fraction")
     return train, val
+
+
+def split_document(doc: str, val_fraction: float) -> tuple[str, str | None]:
+    """A document's training head and held-out tail (None when the tail is blank)."""
+    cut = int(len(doc) * (1 - val_fraction))
+    line_break = doc.rfind("\n", 0, cut)
+    cut = line_break + 1 if line_break > 0 else cut
+    return doc[:cut], doc[cut:] if doc[cut:].strip() else None

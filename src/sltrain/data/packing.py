@@ -12,20 +12,23 @@ import torch
 from sltrain.errors import UserError
 
 
-def pack(token_lists: list[list[int]], eos: int, vocab_size: int) -> np.ndarray:
-    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
-    total = sum(len(t) + 1 for t in token_lists)
-    out = np.empty(total, dtype=dtype)
-    pos = 0
+def pack(token_lists: list[list[int]], eos: int, dtype: np.dtype) -> np.ndarray:
+    """Documents' tokens joined with an EOS after each.
+
+    An EOS a document spells out in its text ("</s>" in a web page) is dropped, so that EOS marks
+    document ends only and a stream can be cut at any of them (`tokens.cut`).
+    """
+    parts = []
+    tail = np.array([eos], dtype=dtype)
     for tokens in token_lists:
-        out[pos : pos + len(tokens)] = tokens
-        out[pos + len(tokens)] = eos
-        pos += len(tokens) + 1
-    return out
+        ids = np.asarray(tokens, dtype=dtype)
+        parts += [ids[ids != eos], tail]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
 
 
 class Blocks:
-    """View of a packed stream as `len(self)` blocks of (input, target) sequences."""
+    """View of a packed stream (an array or a read-only memmap) as `len(self)` blocks of (input,
+    target) sequences."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int):
         self.tokens, self.seq_len = tokens, seq_len

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from sltrain.config import RunConfig, flatten, locked_differences, saved_config
-from sltrain.data import Blocks, BlockSampler, prepare
+from sltrain.data import Blocks, BlockSampler, prepare, prepare_options, save_tokenizer
 from sltrain.errors import UserError
 from sltrain.measure import PeakMemory, count_parameters, estimate_memory, measure_memory
 from sltrain.model import build_model, param_spec
@@ -128,10 +128,10 @@ def train(
     tokenizer_file = run_dir / "tokenizer.json"
     if not world.main:
         world.barrier()  # rank 0 tokenises and fills the cache first; the others read it
-    data = prepare(cfg.data, vocab, tokenizer_file if ckpt else None)
+    data = prepare(cfg.data, vocab, tokenizer_file if ckpt else None, **prepare_options(cfg))
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs have proven valid
-        data.tokenizer.save(str(tokenizer_file))
+        save_tokenizer(data.tokenizer, data.eos_token, run_dir, cfg.data.tokenizer)
         derived = {"rank": cfg.rank, "lora_alpha": cfg.lora_alpha, "density": cfg.density,
                    "warmup_steps": cfg.warmup_steps, "tokens_per_step": cfg.tokens_per_step}
         (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "derived": derived},
