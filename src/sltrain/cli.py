@@ -1,4 +1,5 @@
-"""The `sltrain` command: `train` a model, account for its `memory`, `bench` methods.
+"""The `sltrain` command: `train` a model, account for its `memory`, `bench` methods, `export` a
+trained model.
 
 User errors are printed as one line without a traceback, with exit status 2.
 """
@@ -185,6 +186,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from sltrain.export import export_hf
+
+    info = export_hf(Path(args.run), Path(args.out), args.dtype, args.force)
+    print(f"exported {info['checkpoint']} ({info['method']}, merged to dense, "
+          f"{_fmt_count(info['params'])} parameters, {info['dtype']}) to {info['out']} as "
+          f"LlamaForCausalLM\nevaluate with: lm_eval --model hf --model_args "
+          f"pretrained={info['out']} --tasks TASKS")
+    return 0
+
+
 def _dtype_name(dtype: object) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -223,6 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     _add_config_flags(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="write a trained model as a transformers LlamaForCausalLM folder",
+                       description="Fold the newest checkpoint of RUN (or the checkpoint folder RUN) "
+                       "into dense weights and write OUT: config.json, model.safetensors and the "
+                       "tokenizer, loadable with transformers and lm-eval.")
+    p.add_argument("run", help="a run folder (newest checkpoint) or a checkpoint folder")
+    p.add_argument("--to", choices=["hf"], default="hf", help="format: hf (transformers; default)")
+    p.add_argument("out", help="the folder to write (must be empty or new)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weight dtype of the export (default float32)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty OUT, overwriting "
+                   "files of the same names")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -1,0 +1,140 @@
+"""Export a run to a Hugging Face `LlamaForCausalLM` folder.
+
+A trained model leaves the package as a plain dense LLaMA: every re-parameterised layer is folded
+back into one weight (`parametrize.merge`), so `transformers`, lm-eval and friends load it as is.
+
+Usage (README-ready):
+
+    sltrain export runs/my-run --to hf exports/my-run        # newest checkpoint of the run
+
+    pip install lm-eval
+    lm_eval --model hf --model_args pretrained=exports/my-run,dtype=float32 \
+        --tasks lambada_openai,hellaswag --batch_size 16 --output_path results/
+
+The export is a folder with config.json, model.safetensors and the run's tokenizer
+(tokenizer.json, tokenizer_config.json). lm-eval reads each task's dataset from the Hugging Face
+hub (or a local HF_DATASETS_CACHE), so the tasks need that access even though the model is local.
+The model only knows `seq_len` positions (max_position_embeddings): tasks with longer contexts are
+truncated by lm-eval. No BOS token is added: documents were separated by the end-of-text token
+during training, so that token also serves as BOS and PAD.
+
+RoPE: our attention rotates halves (`x * cos + rotate_half(x) * sin`, the angle table repeated over
+both halves), which is Hugging Face LLaMA's default rope, so q_proj and k_proj are copied without
+the permutation that Meta's interleaved-pair checkpoints need.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from torch import nn
+
+from sltrain.config import RunConfig, build_config
+from sltrain.data.tokenizer import EOS
+from sltrain.errors import UserError
+from sltrain.model import build_model
+from sltrain.parametrize import merge
+from sltrain.train.checkpoint import MODEL_FILE, STATE_FILE, find_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def run_tokenizer(run_dir: Path) -> tuple[Tokenizer, str]:
+    """The tokenizer a run trained with, and its end-of-text token."""
+    path = run_dir / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{path} is missing; the run folder must keep the tokenizer it trained with")
+    return Tokenizer.from_file(str(path)), EOS
+
+
+def checkpoint_config(ckpt: Path) -> RunConfig:
+    """The run config a checkpoint's weights file records in its metadata."""
+    try:
+        with safe_open(str(ckpt / MODEL_FILE), "pt") as f:
+            meta = (f.metadata() or {}).get("sltrain")
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"checkpoint {ckpt} cannot be read ({e}); it is damaged") from None
+    if meta is None:
+        raise UserError(f"{ckpt / MODEL_FILE} records no sltrain config; pass a checkpoint written "
+                        "by `sltrain train`")
+    return build_config(json.loads(meta)["config"])
+
+
+def load_run_model(path: Path) -> tuple[nn.Module, RunConfig, Path]:
+    """The model of a checkpoint folder (or a run folder's newest checkpoint), as it trained."""
+    ckpt = find_checkpoint(path)
+    cfg = checkpoint_config(ckpt)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(load_file(str(ckpt / MODEL_FILE)), strict=True)
+    except (RuntimeError, OSError, SafetensorError) as e:
+        first = str(e).splitlines()[0]
+        raise UserError(f"checkpoint {ckpt} cannot be loaded ({first}); it is damaged") from None
+    return model.eval(), cfg, ckpt
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("this needs transformers; pip install 'sltrain[export]'") from None
+    return transformers
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name -> Hugging Face's: the decoder sits under `model.`, lm_head beside it."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def export_hf(path: Path, out: Path, dtype: str = "float32", force: bool = False) -> dict[str, Any]:
+    """Write the merged dense model of `path` (run or checkpoint folder) to `out` for transformers."""
+    transformers = _transformers()
+    ckpt = find_checkpoint(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; pass a folder to export into")
+    if (out / "checkpoints").exists() or (out / STATE_FILE).exists():
+        raise UserError(f"{out} holds a run or checkpoint; export into another folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} is not empty; pass --force to overwrite its files or choose another")
+    model, cfg, ckpt = load_run_model(ckpt)
+    tok, eos = run_tokenizer(ckpt.parent.parent)
+    eos_id = tok.token_to_id(eos)
+    if eos_id is None:
+        raise UserError(f"the run's tokenizer has no {eos} token; it is not the run's own")
+
+    merge(model)
+    tensors = {hf_name(k): v.to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
+    dims = cfg.model_dims()
+    config = transformers.LlamaConfig(
+        vocab_size=dims["vocab_size"], hidden_size=dims["dim"], intermediate_size=dims["ffn_dim"],
+        num_hidden_layers=dims["n_layers"], num_attention_heads=dims["n_heads"],
+        num_key_value_heads=dims["n_heads"], head_dim=dims["dim"] // dims["n_heads"],
+        max_position_embeddings=dims["max_seq_len"], rms_norm_eps=dims["norm_eps"],
+        rope_theta=dims["rope_theta"], hidden_act="silu", attention_bias=False, mlp_bias=False,
+        tie_word_embeddings=False, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+        dtype=dtype, architectures=["LlamaForCausalLM"],
+    )
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=eos,
+        model_max_length=dims["max_seq_len"])
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out)
+    hf_tok.save_pretrained(out)
+    # transformers 4.x (still common under lm-eval) reads `rope_theta` and knows the tokenizer as
+    # PreTrainedTokenizerFast; 5.x reads both spellings too.
+    _update_json(out / "config.json", rope_theta=dims["rope_theta"])
+    _update_json(out / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")
+    return {"checkpoint": str(ckpt), "out": str(out), "method": cfg.method.name, "dtype": dtype,
+            "params": sum(t.numel() for t in tensors.values()), "source": cfg.data.source}
+
+
+def _update_json(path: Path, **items: Any) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **items}, indent=2) + "\n")
