@@ -1,4 +1,6 @@
-"""Export to transformers: the export computes what the run computes."""
+"""Export to transformers and eval: the export computes what the run computes, and says so."""
+
+import json
 
 import pytest
 import torch
@@ -25,9 +27,9 @@ def assert_one_line_error(capsys, code, *needles):
 
 
 @pytest.mark.parametrize("method,extra", [("sltrain", {}), ("full", {"model.rope_theta": 500.0})])
-def test_export_computes_what_the_run_computes(tiny, tmp_path, capsys, method, extra):
+def test_export_and_eval_agree_with_the_run(tiny, tmp_path, capsys, method, extra):
     cfg = load_config(None, {**tiny, "method.name": method, "train.steps": 5, **extra})
-    train(cfg)
+    summary = train(cfg)
     run, out = tmp_path / "run", tmp_path / "export"
     assert sltrain("export", run, "--to", "hf", out) == 0
 
@@ -46,6 +48,19 @@ def test_export_computes_what_the_run_computes(tiny, tmp_path, capsys, method, e
     assert hf_tok(text).input_ids == tok.encode(text).ids
     assert hf_tok.eos_token == eos and hf.config.eos_token_id == tok.token_to_id(eos)
 
+    # perplexity of the run, and of the export on the same blocks, is the run's own val_ppl
+    capsys.readouterr()
+    same_blocks = ["--max-batches", cfg.train.eval_batches, "--json"]
+    assert sltrain("eval", run, *same_blocks) == 0
+    of_run = json.loads(capsys.readouterr().out)
+    assert of_run["ppl"] == pytest.approx(summary["val_ppl"], rel=1e-4)
+    assert of_run["tokens"] == summary["val_tokens"]
+    assert sltrain("eval", out, "--data", cfg.data.source, "--batch-size", cfg.train.batch_size,
+                   *same_blocks) == 0
+    of_export = json.loads(capsys.readouterr().out)
+    assert of_export["ppl"] == pytest.approx(summary["val_ppl"], rel=1e-4)
+    assert of_export["tokens"] == summary["val_tokens"]
+
 
 def test_export_bfloat16_and_force(tiny, tmp_path, capsys):
     train(load_config(None, {**tiny, "train.steps": 2}))
@@ -57,12 +72,18 @@ def test_export_bfloat16_and_force(tiny, tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "mine"  # --force overwrites only what it writes
     hf = transformers.LlamaForCausalLM.from_pretrained(out)
     assert hf.dtype == torch.bfloat16
+    capsys.readouterr()
+    assert sltrain("eval", out, "--split", "all", "--data", tiny["data.source"], "--batch-size", 4,
+                   "--max-batches", 2, "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["blocks"] == 8 and result["tokens"] == 8 * tiny["data.seq_len"]
 
 
 def test_bad_input_gives_one_line(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_one_line_error(capsys, sltrain("export", empty, tmp_path / "out"), "no checkpoint")
+    assert_one_line_error(capsys, sltrain("eval", empty), "no checkpoint")
     damaged = tmp_path / "run" / "checkpoints" / "step_0000001"
     damaged.mkdir(parents=True)
     (damaged / "model.safetensors").write_bytes(b"not safetensors")
@@ -74,3 +95,9 @@ def test_bad_input_gives_one_line(tmp_path, capsys):
     assert_one_line_error(capsys, sltrain("export", damaged, taken), "not empty", "--force")
     assert_one_line_error(capsys, sltrain("export", damaged, tmp_path / "run", "--force"),
                           "holds a run")
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / "config.json").write_text('{"model_type": "llama"}')
+    assert_one_line_error(capsys, sltrain("eval", exported), "records no data", "--data")
+    assert_one_line_error(capsys, sltrain("eval", empty, "--split", "test"), "--split")
+    assert_one_line_error(capsys, sltrain("eval", empty, "--max-batches", 0), "--max-batches")

@@ -1,4 +1,4 @@
-"""Export a run to a Hugging Face `LlamaForCausalLM` folder.
+"""Export a run to a Hugging Face `LlamaForCausalLM` folder, and measure the perplexity of either.
 
 A trained model leaves the package as a plain dense LLaMA: every re-parameterised layer is folded
 back into one weight (`parametrize.merge`), so `transformers`, lm-eval and friends load it as is.
@@ -6,6 +6,8 @@ back into one weight (`parametrize.merge`), so `transformers`, lm-eval and frien
 Usage (README-ready):
 
     sltrain export runs/my-run --to hf exports/my-run        # newest checkpoint of the run
+    sltrain eval runs/my-run                                   # perplexity on the run's val split
+    sltrain eval exports/my-run --data embedded                # the same, through transformers
 
     pip install lm-eval
     lm_eval --model hf --model_args pretrained=exports/my-run,dtype=float32 \
@@ -26,23 +28,29 @@ the permutation that Meta's interleaved-pair checkpoints need.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
 
-from sltrain.config import RunConfig, build_config
+from sltrain.config import RunConfig, build_config, flatten, load_config
+from sltrain.data import Blocks, prepare
 from sltrain.data.tokenizer import EOS
 from sltrain.errors import UserError
 from sltrain.model import build_model
 from sltrain.parametrize import merge
 from sltrain.train.checkpoint import MODEL_FILE, STATE_FILE, find_checkpoint
+from sltrain.train.evaluate import evaluate
+from sltrain.train.loop import autocast_for, resolve_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SPLITS = ("val", "train", "all")
 
 
 def run_tokenizer(run_dir: Path) -> tuple[Tokenizer, str]:
@@ -138,3 +146,80 @@ def export_hf(path: Path, out: Path, dtype: str = "float32", force: bool = False
 
 def _update_json(path: Path, **items: Any) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **items}, indent=2) + "\n")
+
+
+def is_hf_export(path: Path) -> bool:
+    """A folder transformers loads (its config.json names a model_type); run folders have none."""
+    try:
+        return "model_type" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+class _Logits(nn.Module):
+    """A transformers causal LM seen as ours are: token ids in, logits out."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf_model = hf_model
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.hf_model(input_ids=idx, use_cache=False).logits
+
+
+def load_hf_model(path: Path) -> tuple[nn.Module, Any]:
+    """An exported folder as a float32 model returning logits, and its transformers config."""
+    transformers = _transformers()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{path} cannot be loaded by transformers ({first})") from None
+    return _Logits(hf_model).eval(), hf_model.config
+
+
+def perplexity(path: Path, overrides: dict[str, Any] | None = None, split: str = "val",
+               max_batches: int | None = None) -> dict[str, Any]:
+    """Token-weighted mean loss and perplexity of a run, checkpoint or export on a data split.
+
+    `overrides` are dotted config keys (`data.source`, `data.seq_len`, `train.batch_size`,
+    `train.device`, ...) on top of the run's own config; an export records no data source, so it
+    needs `data.source`. `max_batches` of `train.batch_size` blocks, in order; all when None.
+    """
+    overrides = dict(overrides or {})
+    if split not in SPLITS:
+        raise UserError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    if max_batches is not None and max_batches < 1:
+        raise UserError(f"--max-batches {max_batches} must be at least 1; omit it for all blocks")
+    if is_hf_export(path):
+        if "data.source" not in overrides:
+            raise UserError(f"{path} is a transformers export, which records no data; pass --data")
+        model, hf_config = load_hf_model(path)
+        context, vocab = hf_config.max_position_embeddings, hf_config.vocab_size
+        cfg = load_config(None, {"data.seq_len": context, **overrides})
+        tokenizer_file, what = path / "tokenizer.json", "transformers export"
+    else:
+        model, run_cfg, ckpt = load_run_model(path)
+        context, vocab = run_cfg.data.seq_len, run_cfg.model_dims()["vocab_size"]
+        cfg = load_config(None, {**flatten(run_cfg.to_dict()), "train.device": "auto", **overrides})
+        tokenizer_file, what = ckpt.parent.parent / "tokenizer.json", f"checkpoint {ckpt.name}"
+    seq_len = cfg.data.seq_len
+    if seq_len > context:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's {context} positions; pass "
+                        f"--seq-len {context} or less")
+    device = resolve_device(cfg.train.device)
+
+    data = prepare(cfg.data, vocab, tokenizer_file)
+    tokens = np.concatenate([data.train, data.val]) if split == "all" else getattr(data, split)
+    blocks = Blocks(tokens, seq_len)
+    if len(blocks) == 0:
+        raise UserError(f"the {split} split is shorter than one block of {seq_len + 1} tokens; "
+                        "lower --seq-len or pick another --split")
+    batch_size = cfg.train.batch_size
+    batches = math.ceil(len(blocks) / batch_size) if max_batches is None else max_batches
+    result = evaluate(model.to(device), blocks, batch_size, batches, device,
+                      autocast_for(cfg, device))
+    return {"model": str(path), "kind": what, "data": cfg.data.source, "split": split,
+            "seq_len": seq_len, "blocks": min(len(blocks), batches * batch_size),
+            "loss": result["val_loss"], "ppl": result["val_ppl"], "tokens": result["val_tokens"]}
