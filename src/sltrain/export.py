@@ -9,7 +9,7 @@ Usage (README-ready):
     sltrain eval runs/my-run                                   # perplexity on the run's val split
     sltrain eval exports/my-run --data embedded                # the same, through transformers
 
-    pip install lm-eval
+    pip install "lm-eval[hf]"
     lm_eval --model hf --model_args pretrained=exports/my-run,dtype=float32 \
         --tasks lambada_openai,hellaswag --batch_size 16 --output_path results/
 
