@@ -127,3 +127,13 @@ def test_resume_auto_and_run_folders_of_another_config(base, tmp_path, capsys):
     no_dir = as_flags({k: v for k, v in base.items() if k != "train.out_dir"})
     assert main(["train", *no_dir, "--resume", "auto"]) == 2
     assert "--resume auto needs --out-dir" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line(base, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *as_flags({**base, "train.out_dir": run, "train.steps": 2})]) == 0
+    (list_checkpoints(run)[-1] / "model.safetensors").write_bytes(b"\x00garbage")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--steps", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be loaded" in err[0] and "damaged" in err[0]

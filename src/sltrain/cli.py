@@ -1,5 +1,5 @@
 """The `sltrain` command: `train` a model, account for its `memory`, `bench` methods, `data
-prepare` a corpus.
+prepare` a corpus, `export` and `eval` a trained model.
 
 User errors are printed as one line without a traceback, with exit status 2.
 """
@@ -226,6 +226,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from sltrain.export import export_hf
+
+    info = export_hf(Path(args.run), Path(args.out), args.dtype, args.force)
+    print(f"exported {info['checkpoint']} ({info['method']}, merged to dense, "
+          f"{_fmt_count(info['params'])} parameters, {info['dtype']}) to {info['out']} as "
+          f"LlamaForCausalLM\nevaluate with: sltrain eval {info['out']} --data {info['source']}\n"
+          f"           or: lm_eval --model hf --model_args pretrained={info['out']} --tasks TASKS")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sltrain.export import perplexity
+
+    overrides = {**_overrides(args), "train.device": args.device}
+    r = perplexity(Path(args.model), overrides, args.split, args.max_batches)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{r['model']} ({r['kind']}) on {r['data']}, {r['split']} split: {r['blocks']} blocks "
+          f"of {r['seq_len']} tokens")
+    print(f"loss {r['loss']:.4f}, perplexity {r['ppl']:.2f}, tokens {r['tokens']:,}")
+    return 0
+
+
 def _dtype_name(dtype: object) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -277,6 +302,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     _add_config_flags(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="write a trained model as a transformers LlamaForCausalLM folder",
+                       description="Fold the newest checkpoint of RUN (or the checkpoint folder RUN) "
+                       "into dense weights and write OUT: config.json, model.safetensors and the "
+                       "tokenizer, loadable with transformers and lm-eval.")
+    p.add_argument("run", help="a run folder (newest checkpoint) or a checkpoint folder")
+    p.add_argument("--to", choices=["hf"], default="hf", help="format: hf (transformers; default)")
+    p.add_argument("out", help="the folder to write (must be empty or new)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weight dtype of the export (default float32)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty OUT, overwriting "
+                   "files of the same names")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="perplexity of a run, checkpoint or export on a data source",
+                       description="Token-weighted mean loss and perplexity over consecutive blocks "
+                       "of a data split, tokenised with the model's own tokenizer. A run or "
+                       "checkpoint defaults to its own data, split and block length; an export "
+                       "(from `sltrain export`) needs --data.")
+    p.add_argument("model", help="a run folder, a checkpoint folder or an exported folder")
+    p.add_argument("--data", dest="data.source", default=argparse.SUPPRESS, metavar="SOURCE",
+                   help="any source `sltrain train --data` accepts (default: the run's; "
+                   "required for an export)")
+    p.add_argument("--text-field", dest="data.text_field", default=argparse.SUPPRESS, metavar="F",
+                   help="the text field of JSON/Parquet records (default: the run's, or text)")
+    p.add_argument("--val-fraction", dest="data.val_fraction", type=float,
+                   default=argparse.SUPPRESS, metavar="X", help="the held-out tail of each document "
+                   "(default: the run's, or 0.05; keep the run's to evaluate on its val split)")
+    p.add_argument("--seq-len", dest="data.seq_len", type=int, default=argparse.SUPPRESS,
+                   metavar="N", help="block length (default and maximum: the model's context)")
+    p.add_argument("--batch-size", dest="train.batch_size", type=int, default=argparse.SUPPRESS,
+                   metavar="B", help="blocks per batch (default: the run's, or 16)")
+    p.add_argument("--max-batches", type=int, metavar="K", help="only the first K batches of B blocks "
+                   "(default: all); the run's B and K = its eval_batches give the blocks of its "
+                   "val_ppl")
+    p.add_argument("--split", choices=["val", "train", "all"], default="val",
+                   help="val: the held-out tail of each document (default); train: the rest; all: "
+                   "every block of the source (train then val)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

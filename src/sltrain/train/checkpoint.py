@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -91,7 +92,7 @@ def load_checkpoint(ckpt: Path, model: nn.Module | None = None,
     except FileNotFoundError as e:
         raise UserError(f"checkpoint {ckpt} is incomplete ({e.filename} missing); "
                         "resume from an earlier checkpoint") from None
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError, SafetensorError) as e:
         first = str(e).splitlines()[0]
         raise UserError(f"checkpoint {ckpt} cannot be loaded ({first}); it is damaged or from a "
                         "different model config") from None
