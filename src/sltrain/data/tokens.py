@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from sltrain.data.corpus import sha256_file
 from sltrain.errors import UserError
 
 FORMAT = "sltrain-tokens-v1"
@@ -96,14 +97,6 @@ def read_meta(folder: Path, fix: str) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{path} is damaged ({e}); {fix}") from None
     return meta
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def open_streams(folder: Path, fix: str, verify: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
