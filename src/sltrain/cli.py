@@ -251,6 +251,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    from sltrain.data import Blocks, prepare
+    from sltrain.export import load_run_model
+    from sltrain.measure.health import health_record, plot_spectra, weight_spectra
+
+    model, cfg, ckpt = load_run_model(Path(args.run))
+    data = prepare(cfg.data, cfg.model_dims()["vocab_size"], ckpt.parent.parent)
+    blocks = Blocks(data.val, cfg.data.seq_len)
+    n = min(len(blocks), args.blocks)
+    if n == 0:
+        raise UserError(f"the run's validation split holds no block of {cfg.data.seq_len + 1} tokens")
+    x, _ = blocks.batch(range(n))
+    spectra = weight_spectra(model)
+    n_layers = cfg.model_dims()["n_layers"]
+    layers = args.layers or [f"layers.{i}.{p}" for i in (0, n_layers - 1)
+                             for p in ("self_attn.q_proj", "mlp.down_proj")]
+    unknown = [name for name in layers if name not in spectra]
+    if unknown:
+        raise UserError(f"no learned weight named {unknown[0]}; pass e.g. --layers "
+                        f"{next(iter(spectra))}")
+    out = Path(args.out or ckpt.parent.parent / "health")
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"checkpoint": str(ckpt), "blocks": n, **health_record(model, x),
+              "weights": {k: {**{f: v for f, v in s.items() if f.endswith("share")},
+                              "top_singular_values": s["weight"][:8]}
+                          for k, s in spectra.items()}}
+    (out / "health.json").write_text(json.dumps(report, indent=2))
+    png = plot_spectra(spectra, out / "spectrum.png", layers,
+                       f"{cfg.model.preset} {cfg.method.name}, {ckpt.name}")
+    print("excess kurtosis per block: " + " ".join(f"{k:.2f}" for k in report["kurtosis"]))
+    print(f"output nuclear norm / N: {report['output_nuclear_norm']:.4f}")
+    shares = [s["low_rank_share"] for s in spectra.values() if "low_rank_share" in s]
+    if shares:
+        print(f"low-rank share of ||W||^2: mean {sum(shares) / len(shares):.1%} "
+              f"(min {min(shares):.1%}, max {max(shares):.1%}) over {len(shares)} SLTrain layers")
+    print(f"written {out / 'health.json'} and {png}")
+    return 0
+
+
 def _dtype_name(dtype: object) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -343,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("health", help="activation kurtosis, weight spectra (PNG) and output "
+                       "nuclear norm of a run's checkpoint")
+    p.add_argument("run", help="a run folder (newest checkpoint) or a checkpoint folder")
+    p.add_argument("--out", help="folder for health.json and spectrum.png (default RUN/health)")
+    p.add_argument("--blocks", type=int, default=16, help="validation blocks to measure on")
+    p.add_argument("--layers", nargs="+", help="weights to plot (default: q_proj and down_proj "
+                   "of the first and last block)")
+    p.set_defaults(func=cmd_health)
     return parser
 
 

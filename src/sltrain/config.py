@@ -171,6 +171,10 @@ class TrainConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     out_dir: str | None = None
     progress: bool = True
+    # At every evaluation also log model health: excess kurtosis of each block's output and the
+    # output distribution's nuclear norm (on the first validation batch); `sltrain health RUN`
+    # adds the weight spectra.
+    health: bool = False
     # A non-finite loss skips its update step; this many in a row stop the run (last good state saved).
     max_nonfinite_steps: int = Field(5, gt=0)
     # Under torchrun: "ddp" replicates the model, "fsdp" shards it (FSDP2); ignored in one process.

@@ -23,6 +23,7 @@ from sltrain.config import RunConfig, flatten, locked_differences, saved_config
 from sltrain.data import Blocks, BlockSampler, prepare, prepare_options, save_tokenizer
 from sltrain.errors import UserError
 from sltrain.measure import PeakMemory, count_parameters, estimate_memory, measure_memory
+from sltrain.measure.health import health_record
 from sltrain.model import build_model, param_spec
 from sltrain.optim import build_optimizer
 from sltrain.optim import validate as validate_optimizer
@@ -249,6 +250,9 @@ def train(
                                      device, autocast, world)
                 record.update(last_eval)
                 eval_step = step
+                if tc.health and world.parallel != "fsdp":  # FSDP forwards need every rank
+                    x_val, _ = val_blocks.batch(range(min(len(val_blocks), tc.batch_size)))
+                    record.update(health_record(raw_model, x_val.to(device)))
                 bar.write(f"step {step}: val loss {last_eval['val_loss']:.4f}, "
                           f"ppl {last_eval['val_ppl']:.2f}")
             if loggers:
