@@ -290,6 +290,71 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedule_key_steps(cfg: RunConfig) -> list[tuple[str, int]]:
+    """(label, update step) of the points worth printing: phase starts, middle, end."""
+    s, total, warm = cfg.schedule, cfg.train.steps, cfg.warmup_steps
+    rows = [("start", 0)]
+    if warm:
+        rows += [("last warm-up step", warm - 1), ("end of warm-up", warm)]
+    if s.name == "infinite":
+        rows.append(("start of constant", warm + round(s.cooldown_ratio * total)))
+    if s.name == "cosine_restarts" and s.cycle_steps:
+        rows.append(("first restart", warm + s.cycle_steps))
+    rows.append(("middle", total // 2))
+    if s.name in ("wsd", "power", "infinite"):
+        rows.append(("start of decay", total - round(s.decay_ratio * total)))
+    rows.append(("last step", total - 1))
+    return sorted({(label, step) for label, step in rows if 0 <= step < total},
+                  key=lambda r: (r[1], r[0]))
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from sltrain.train.schedule import SCHEDULES, multiplier
+
+    if args.compare and not args.plot:
+        raise UserError("--compare draws a figure; pass --plot OUT.png too")
+    cfg = load_config(args.config, _overrides(args))
+    total, peak = cfg.train.steps, cfg.optimizer.lr
+    print(f"schedule {cfg.schedule.name}: {total} update steps, warm-up {cfg.warmup_steps}, "
+          f"peak lr {peak:g}, {cfg.tokens_per_step:,} tokens per step")
+    print(f"  {'':<18} {'step':>8} {'multiplier':>11} {'lr':>11}")
+    for label, step in _schedule_key_steps(cfg):
+        m = multiplier(cfg, step)
+        print(f"  {label:<18} {step:>8} {m:>11.5f} {peak * m:>11.4g}")
+    if args.print:
+        print("step\tmultiplier\tlr")
+        for step in range(total):
+            m = multiplier(cfg, step)
+            print(f"{step}\t{m:.6g}\t{peak * m:.6g}")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(SCHEDULES) if args.compare else [cfg.schedule.name]
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for i, name in enumerate(names):
+            try:
+                c = load_config(args.config, {**_overrides(args), "schedule.name": name})
+            except UserError as e:
+                print(f"skipping {name}: {e}", file=sys.stderr)
+                continue
+            ax.plot(range(total), [peak * multiplier(c, step) for step in range(total)], label=name,
+                    linestyle="--" if i % 2 else "-")  # rewarm overlays cosine after warm-up
+        ax.set(xlabel="update step", ylabel="learning rate",
+               title=f"{total} steps, warm-up {cfg.warmup_steps}, peak {peak:g}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        out = Path(args.plot)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        print(f"plot written to {out}")
+    return 0
+
+
 def _dtype_name(dtype: object) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -390,6 +455,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", nargs="+", help="weights to plot (default: q_proj and down_proj "
                    "of the first and last block)")
     p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("schedule", help="print and plot a learning-rate schedule before training",
+                       description="The learning rate by update step for the schedule flags of "
+                       "`sltrain train`: the multiplier and lr at the phase boundaries, and with "
+                       "--plot a PNG of lr vs step (--compare: every schedule on one figure).")
+    p.add_argument("--config", help="a .toml/.yaml/.json config file; flags override it")
+    for flag, key, kind in (("--steps", "train.steps", int), ("--lr", "optimizer.lr", float),
+                            ("--batch-size", "train.batch_size", int),
+                            ("--grad-accum", "train.grad_accum", int),
+                            ("--seq-len", "data.seq_len", int)):
+        p.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, metavar="N",
+                       help=f"{key}, as in `sltrain train`")
+    p.add_argument("--plot", metavar="OUT.png", help="write a plot of lr vs step here")
+    p.add_argument("--compare", action="store_true", help="plot every schedule (each with these "
+                   "flags) on one figure")
+    p.add_argument("--print", action="store_true", help="also print every step as TSV")
+    _add_config_flags(p, sections=("schedule",))
+    p.set_defaults(func=cmd_schedule)
     return parser
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sltrain.errors import UserError
 
@@ -148,13 +148,29 @@ class OptimizerConfig(_Section):
 
 
 class ScheduleConfig(_Section):
-    name: Literal["cosine"] = "cosine"
+    # Formulas in sltrain/train/schedule.py; `sltrain schedule --plot` draws them.
+    name: Literal["cosine", "wsd", "power", "infinite", "rewarm", "cosine_restarts"] = "cosine"
     warmup_steps: int | None = Field(None, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     # After each reset of the optimizer state (`optimizer.reset_every`, ReLoRA cycles) the rate
     # ramps up again from zero over this many update steps (the jagged cosine).
     restart_warmup: int = Field(0, ge=0)
+    # wsd, power, infinite: the final decay (annealing) phase is the last `decay_ratio` of the run.
+    decay_ratio: float = Field(0.2, ge=0, le=1)
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt"  # wsd
+    # power: lr = min(peak, power_a * tokens_seen ** power_b), then `power_decay` at the end.
+    power_a: float = Field(4.0, gt=0)
+    power_b: float = Field(-0.51, lt=0)
+    power_decay: Literal["exp", "linear"] = "exp"
+    # infinite: cosine cooldown from the peak to const_lr_ratio over cooldown_ratio of the run.
+    cooldown_ratio: float = Field(0.2, ge=0, le=1)
+    const_lr_ratio: float = Field(0.5, gt=0, le=1)
+    # rewarm: the first update of the continued run runs at start_lr_ratio of the peak.
+    start_lr_ratio: float = Field(0.1, ge=0, le=1)
+    # cosine_restarts: first cycle length (0 = the whole run after warm-up), growth per cycle.
+    cycle_steps: int = Field(0, ge=0)
+    cycle_mult: float = Field(1.0, ge=1)
 
 
 class TrainConfig(_Section):
@@ -197,6 +213,27 @@ class RunConfig(_Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> RunConfig:
+        """The schedule's phases fit in the run (a UserError propagates through pydantic)."""
+        s, total = self.schedule, self.train.steps
+        warm, decay = self.warmup_steps, round(s.decay_ratio * total)
+        phases = {"wsd": decay, "power": decay,
+                  "infinite": decay + round(s.cooldown_ratio * total)}.get(s.name, 0)
+        if warm + phases > total:
+            raise UserError(
+                f"schedule {s.name}: warm-up ({warm}) plus its decay phases ({phases}) exceed the "
+                f"{total} steps; lower --warmup-steps/--warmup-ratio, --decay-ratio or "
+                "--cooldown-ratio")
+        exp_decay = s.name == "infinite" or (s.name == "power" and s.power_decay == "exp")
+        if exp_decay and s.min_lr_ratio == 0:
+            raise UserError(f"schedule {s.name} decays exponentially and cannot reach zero; "
+                            "set --min-lr-ratio above 0")
+        if s.name == "infinite" and s.min_lr_ratio > s.const_lr_ratio:
+            raise UserError(f"schedule infinite anneals from --const-lr-ratio {s.const_lr_ratio} "
+                            f"down to --min-lr-ratio {s.min_lr_ratio}; set min <= const")
+        return self
 
     # ---- derived values -------------------------------------------------------------------
     @property

@@ -37,7 +37,7 @@ from sltrain.train.checkpoint import (
 )
 from sltrain.train.evaluate import evaluate, lm_loss
 from sltrain.train.loggers import MetricLoggers
-from sltrain.train.schedule import build_scheduler
+from sltrain.train.schedule import build_scheduler, schedule_options
 
 
 def resolve_device(name: str) -> torch.device:
@@ -154,7 +154,8 @@ def train(
     tricks: CycleTricks | None = None  # built once the resumed step is known
     scheduler = build_scheduler(optimizer, cfg.schedule.name, tc.steps, cfg.warmup_steps,
                                 cfg.schedule.min_lr_ratio, cfg.schedule.restart_warmup,
-                                lambda s: tricks.cycle_start(s) if tricks else None)
+                                lambda s: tricks.cycle_start(s) if tricks else None,
+                                **schedule_options(cfg))
 
     step, tokens_seen, elapsed_before, skipped = 0, 0, 0.0, 0
     if ckpt:
