@@ -70,6 +70,18 @@ class ModelConfig(_Section):
     norm_eps: float = Field(1e-6, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
     init_std: float = Field(0.02, gt=0)
+    # Normalisation (see sltrain.model.llama): pre_rmsnorm is LLaMA's.
+    norm: Literal["pre_rmsnorm", "pre_ln", "pre_crmsnorm", "post_ln", "mix_ln",
+                  "layernorm_scaling", "single_scale_rmsnorm"] = "pre_rmsnorm"
+    mix_ln_ratio: float = Field(0.25, ge=0, le=1)  # mix_ln: the first fraction of blocks Post-LN
+    embed_proj: bool = False  # learnable embedding projection (outlier-safe pretraining)
+
+    @model_validator(mode="after")
+    def _embed_proj_fits(self) -> ModelConfig:
+        if self.embed_proj and self.norm == "pre_crmsnorm":
+            raise UserError("--embed-proj needs a full-width residual stream; it cannot go with "
+                            "--norm pre_crmsnorm (drop one of them)")
+        return self
 
     @field_validator("preset")
     @classmethod
@@ -274,6 +286,9 @@ class RunConfig(_Section):
             max_seq_len=self.data.seq_len,
             norm_eps=m.norm_eps,
             rope_theta=m.rope_theta,
+            norm=m.norm,
+            mix_ln_ratio=m.mix_ln_ratio,
+            embed_proj=m.embed_proj,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -108,6 +108,11 @@ def export_hf(path: Path, out: Path, dtype: str = "float32", force: bool = False
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"{out} is not empty; pass --force to overwrite its files or choose another")
     model, cfg, ckpt = load_run_model(ckpt)
+    if cfg.model.norm != "pre_rmsnorm" or cfg.model.embed_proj:
+        raise UserError(f"the run uses --norm {cfg.model.norm}"
+                        + (" with --embed-proj" if cfg.model.embed_proj else "")
+                        + "; transformers' LlamaForCausalLM is Pre-RMSNorm only (convert a pre_ln "
+                        "run with `sltrain convert --to pre_rmsnorm` first)")
     tok, eos = run_tokenizer(ckpt.parent.parent)
     eos_id = tok.token_to_id(eos)
     if eos_id is None:

@@ -2,6 +2,19 @@
 
 Implements "LLaMA: Open and Efficient Foundation Language Models" (Touvron et al., 2023), with
 untied embeddings and module names that match Hugging Face's `LlamaForCausalLM`.
+
+`norm` picks where and which normalisation the blocks use:
+- `pre_rmsnorm` (LLaMA's): x + F(RMSNorm(x)).  `pre_ln`: the same with LayerNorm (gain, no bias).
+- `pre_crmsnorm` ("Pre-RMSNorm and Pre-CRMSNorm Transformers"): the residual stream is kept
+  zero-mean and stored in dim - 1 coordinates (the last is minus the sum of the others);
+  CRMSNorm(x) = x / sqrt((sum x^2 + (sum x)^2) / dim + eps), without gain (folded into the next
+  linear by the converter, `model/convert.py`).
+- `post_ln`: LN(x + F(x)).  `mix_ln` ("Mix-LN"): Post-LN in the first `mix_ln_ratio` of the
+  blocks, Pre-LN in the rest.  `layernorm_scaling` ("The Curse of Depth in Large Language
+  Models"): Pre-RMSNorm with each block's norm outputs scaled by 1/sqrt(block index, from 1).
+- `single_scale_rmsnorm` ("Outlier-Safe Pre-Training"): Pre-RMSNorm with one scalar gain per norm.
+`embed_proj` adds the learnable dim x dim embedding projection of outlier-safe pretraining
+(initialised to the identity).
 """
 
 from __future__ import annotations
@@ -23,10 +36,22 @@ class LlamaConfig:
     max_seq_len: int = 256
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    norm: str = "pre_rmsnorm"
+    mix_ln_ratio: float = 0.25
+    embed_proj: bool = False
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def resid_dim(self) -> int:
+        """Width of the residual stream: dim, or dim - 1 for the compressed CRMSNorm form."""
+        return self.dim - 1 if self.norm == "pre_crmsnorm" else self.dim
+
+    def post_ln(self, layer: int) -> bool:
+        return self.norm == "post_ln" or (
+            self.norm == "mix_ln" and layer < round(self.mix_ln_ratio * self.n_layers))
 
 
 class RMSNorm(nn.Module):
@@ -40,6 +65,50 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.type_as(x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm with a gain and no bias, normalising in float32 like RMSNorm."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__(dim, eps=eps, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, None, None, self.eps).type_as(x) \
+            * self.weight
+
+
+class CRMSNorm(nn.Module):
+    """RMSNorm of the zero-mean `dim`-vector whose first dim - 1 coordinates are `x`; no gain."""
+
+    def __init__(self, compressed_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps, self.dim = eps, compressed_dim + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        ms = (xf.pow(2).sum(-1, keepdim=True) + xf.sum(-1, keepdim=True).pow(2)) / self.dim
+        return (xf * torch.rsqrt(ms + self.eps)).type_as(x)
+
+
+class ScalarRMSNorm(RMSNorm):
+    """RMSNorm with a single learnable gain (outlier-safe pretraining)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        nn.Module.__init__(self)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(1))
+
+
+def make_norm(cfg: LlamaConfig) -> nn.Module:
+    dim, eps = cfg.resid_dim, cfg.norm_eps
+    if cfg.norm == "pre_crmsnorm":
+        return CRMSNorm(dim, eps)
+    if cfg.norm in ("pre_ln", "post_ln", "mix_ln"):
+        return LayerNorm(dim, eps)
+    if cfg.norm == "single_scale_rmsnorm":
+        return ScalarRMSNorm(dim, eps)
+    return RMSNorm(dim, eps)
 
 
 def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,11 +128,11 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        inner = cfg.n_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, inner, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, inner, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, inner, bias=False)
-        self.o_proj = nn.Linear(inner, cfg.dim, bias=False)
+        inner, d = cfg.n_heads * cfg.head_dim, cfg.resid_dim
+        self.q_proj = nn.Linear(d, inner, bias=False)
+        self.k_proj = nn.Linear(d, inner, bias=False)
+        self.v_proj = nn.Linear(d, inner, bias=False)
+        self.o_proj = nn.Linear(inner, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -79,23 +148,32 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        d = cfg.resid_dim
+        self.gate_proj = nn.Linear(d, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(d, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, layer: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.post_ln = cfg.post_ln(layer)
+        self.scale = (layer + 1) ** -0.5 if cfg.norm == "layernorm_scaling" else 1.0
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.post_ln:
+            x = self.input_layernorm(x + self.self_attn(x, cos, sin))
+            return self.post_attention_layernorm(x + self.mlp(x))
+        if self.scale != 1.0:
+            x = x + self.self_attn(self.input_layernorm(x) * self.scale, cos, sin)
+            return x + self.mlp(self.post_attention_layernorm(x) * self.scale)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -106,10 +184,12 @@ class Llama(nn.Module):
         if cfg.dim % cfg.n_heads or cfg.head_dim % 2:
             raise ValueError(f"dim {cfg.dim} must split into {cfg.n_heads} heads of even size")
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.resid_dim)
+        self.embed_proj = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.embed_proj else None
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        # Post-LN blocks end normalised already; the final norm stays (as in Mix-LN's code).
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.resid_dim, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -119,8 +199,10 @@ class Llama(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, 0.0, std, generator=generator)
-            elif isinstance(module, RMSNorm):
+            elif isinstance(module, (RMSNorm, LayerNorm)):
                 nn.init.ones_(module.weight)
+        if self.embed_proj is not None:
+            nn.init.eye_(self.embed_proj.weight)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]
@@ -128,6 +210,8 @@ class Llama(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embed_tokens(idx)
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.lm_head(self.norm(x))
