@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sltrain.train.loop as loop
+import sltrain.train.losses as losses_module
 from sltrain.cli import main
 from sltrain.config import load_config
 from sltrain.errors import UserError
@@ -85,7 +85,7 @@ def test_sigterm_saves_a_resumable_checkpoint(base, tmp_path):
 
 
 def test_nonfinite_losses_skip_their_step_and_stop_after_k_in_a_row(base, tmp_path, monkeypatch):
-    real, calls = loop.lm_loss, [0]
+    real, calls = losses_module.cross_entropy, [0]
 
     def poisoned(bad):
         def lm_loss(logits, targets, reduction="mean"):
@@ -94,14 +94,14 @@ def test_nonfinite_losses_skip_their_step_and_stop_after_k_in_a_row(base, tmp_pa
             return loss * float("nan") if bad(calls[0]) else loss
         return lm_loss
 
-    monkeypatch.setattr(loop, "lm_loss", poisoned(lambda n: n in (3, 4)))
+    monkeypatch.setitem(losses_module.LOSSES, "cross_entropy", poisoned(lambda n: n in (3, 4)))
     summary = train(load_config(None, {**base, "train.out_dir": str(tmp_path / "a")}))
     assert summary["status"] == "finished" and summary["step"] == 8
     assert summary["skipped_nonfinite"] == 2 and summary["val_loss"] < 10
     assert [s for s, _ in losses(tmp_path / "a")] == list(range(1, 9))
 
     calls[0] = 0
-    monkeypatch.setattr(loop, "lm_loss", poisoned(lambda n: n > 5))
+    monkeypatch.setitem(losses_module.LOSSES, "cross_entropy", poisoned(lambda n: n > 5))
     run = tmp_path / "b"
     with pytest.raises(UserError, match="3 update steps in a row at step 6.*lower --lr"):
         train(load_config(None, {**base, "train.out_dir": str(run), "train.max_nonfinite_steps": 3}))

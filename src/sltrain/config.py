@@ -218,6 +218,17 @@ class TrainConfig(_Section):
         return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
 
 
+class LossConfig(_Section):
+    # The training objective; validation always reports the cross-entropy (perplexity).
+    name: Literal["cross_entropy", "z_loss", "logit_z_reg"] = "cross_entropy"
+    # Z-loss (1/a) softplus(a (b - z_target)) on standardised logits: a > 0 sets how sharply it
+    # saturates, b how many standard deviations above the row mean the target is pushed.
+    z_loss_a: float = Field(0.1, gt=0, allow_inf_nan=False)
+    z_loss_b: float = Field(10.0, allow_inf_nan=False)
+    # logit_z_reg: cross-entropy + coef * logsumexp(logits)^2 (the log-partition penalty).
+    logit_z_coef: float = Field(1e-4, gt=0, allow_inf_nan=False)
+
+
 class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -225,6 +236,7 @@ class RunConfig(_Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> RunConfig:

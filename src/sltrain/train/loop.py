@@ -35,8 +35,9 @@ from sltrain.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from sltrain.train.evaluate import evaluate, lm_loss
+from sltrain.train.evaluate import evaluate
 from sltrain.train.loggers import MetricLoggers
+from sltrain.train.losses import build_loss
 from sltrain.train.schedule import build_scheduler, schedule_options
 
 
@@ -151,6 +152,7 @@ def train(
     include_warm_start_params(raw_model, cfg)
     model = distributed.wrap(raw_model, world, device)
     optimizer = build_optimizer(raw_model, cfg.optimizer, cfg.rank, tc.grad_accum)
+    loss_fn = build_loss(cfg)  # the training objective; evaluation reports cross-entropy
     tricks: CycleTricks | None = None  # built once the resumed step is known
     scheduler = build_scheduler(optimizer, cfg.schedule.name, tc.steps, cfg.warmup_steps,
                                 cfg.schedule.min_lr_ratio, cfg.schedule.restart_warmup,
@@ -210,7 +212,7 @@ def train(
                 with distributed.no_sync(model, last=micro == tc.grad_accum - 1):
                     with autocast:
                         logits = model(x)
-                    loss = lm_loss(logits, y)
+                    loss = loss_fn(logits, y)
                     (loss / tc.grad_accum).backward()
                 loss_sum += loss.item()
             loss_sum = world.mean(loss_sum)
@@ -240,7 +242,8 @@ def train(
             tokens_seen += cfg.tokens_per_step
             dt = time.perf_counter() - t0
             step_time, step_tokens = step_time + dt, step_tokens + cfg.tokens_per_step
-            record = {"step": step, "loss": loss_sum / tc.grad_accum, "lr": lr,
+            record = {"step": step, "loss": loss_sum / tc.grad_accum,
+                      **loss_fn.step_metrics(world.mean), "lr": lr,
                       "grad_norm": grad_norm, "tokens": tokens_seen,
                       "tok_per_s": cfg.tokens_per_step / dt,
                       "elapsed_s": elapsed_before + time.perf_counter() - loop_start, **events}

@@ -1,0 +1,128 @@
+"""Training objectives for next-token prediction, picked by name from the `[loss]` section.
+
+`cross_entropy` (the default); `z_loss`, the spherical-family loss of "The Z-loss: a shift and
+scale invariant classification loss belonging to the Spherical Family" (de Brebisson & Vincent,
+2016); `logit_z_reg`, cross-entropy plus the log-partition penalty coef * logsumexp(logits)^2 of
+PaLM. Every loss takes (batch, seq, vocab) logits and (batch, seq) targets, skips targets equal to
+`ignore_index` in numerator and denominator, and reduces by "mean", "sum" or "none".
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from sltrain.config import RunConfig
+
+IGNORE_INDEX = -100
+REDUCTIONS = ("mean", "sum", "none")
+# Keeps the z-scores finite on a row whose logits are all equal (std 0); far below any real
+# variance, so the invariances hold to float32 precision.
+_VAR_EPS = 1e-12
+
+
+def _flat(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return logits.float().flatten(0, -2), targets.flatten()
+
+
+def _reduce(per_token: torch.Tensor, keep: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-token losses (already zero where `keep` is False) reduced the way F.cross_entropy does:
+    "mean" divides by the number of kept tokens."""
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    if reduction == "mean":
+        return per_token.sum() / keep.sum()
+    raise ValueError(f"unknown reduction '{reduction}'; use one of {', '.join(REDUCTIONS)}")
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", *,
+                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Cross-entropy on float32 logits (the model's negative log-likelihood)."""
+    o, t = _flat(logits, targets)
+    return F.cross_entropy(o, t, ignore_index=ignore_index, reduction=reduction)
+
+
+def z_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", *,
+           a: float = 0.1, b: float = 10.0, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """(1/a) * softplus(a * (b - z_target)), with z = (o - mean(o)) / std(o) over the vocabulary.
+
+    Only the target's z-score is needed, so the cost is the row's mean and variance (population
+    variance, 1/V) plus one gather. Unchanged when a row is shifted by a constant or scaled by a
+    positive constant. `b` is how many standard deviations above the row mean the target's logit
+    is pushed; `a` sets how sharply the loss saturates once it is there.
+    """
+    o, t = _flat(logits, targets)
+    keep = t != ignore_index
+    var, mean = torch.var_mean(o, dim=-1, correction=0)
+    o_target = o.gather(1, torch.where(keep, t, 0).unsqueeze(1)).squeeze(1)
+    z_target = (o_target - mean) / torch.sqrt(var + _VAR_EPS)
+    per_token = torch.where(keep, F.softplus(a * (b - z_target)) / a, 0.0)
+    return _reduce(per_token, keep, reduction)
+
+
+def logit_z_reg(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", *,
+                coef: float = 1e-4, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Cross-entropy + coef * logsumexp(o)^2: keeps the softmax normaliser near 1 (log Z near 0)."""
+    o, t = _flat(logits, targets)
+    keep = t != ignore_index
+    ce = F.cross_entropy(o, t, ignore_index=ignore_index, reduction="none")
+    penalty = torch.where(keep, torch.logsumexp(o, dim=-1).square(), 0.0)
+    return _reduce(ce + coef * penalty, keep, reduction)
+
+
+LossFn = Callable[..., torch.Tensor]
+LOSSES: dict[str, LossFn] = {
+    "cross_entropy": cross_entropy,
+    "z_loss": z_loss,
+    "logit_z_reg": logit_z_reg,
+}
+
+
+def loss_options(cfg: RunConfig) -> dict[str, Any]:
+    """The hyperparameters of the configured loss, as keyword arguments of its function."""
+    lc = cfg.loss
+    return {"z_loss": {"a": lc.z_loss_a, "b": lc.z_loss_b},
+            "logit_z_reg": {"coef": lc.logit_z_coef}}.get(lc.name, {})
+
+
+class TrainingLoss:
+    """The objective the loop minimises, chosen once from the config.
+
+    When it is not cross-entropy it also keeps the plain cross-entropy of the last `grad_accum`
+    calls (one update step's micro-batches), so each step can log `ce` beside `loss` and runs with
+    different objectives stay comparable.
+    """
+
+    def __init__(self, name: str, grad_accum: int = 1, **options: Any) -> None:
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss '{name}'; use one of {', '.join(LOSSES)}")
+        self.name = name
+        self.options = options
+        self._fn = LOSSES[name]
+        self._ce: deque[float] = deque(maxlen=grad_accum)
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor,
+                 reduction: str = "mean") -> torch.Tensor:
+        loss = self._fn(logits, targets, reduction, **self.options)
+        if self.name != "cross_entropy":
+            with torch.no_grad():
+                self._ce.append(cross_entropy(logits.detach(), targets).item())
+        return loss
+
+    def step_metrics(self, mean: Callable[[float], float] = lambda v: v) -> dict[str, float]:
+        """{"ce": mean cross-entropy of the step's micro-batches} ({} for cross-entropy itself);
+        `mean` averages over ranks (World.mean)."""
+        if self.name == "cross_entropy":
+            return {}
+        return {"ce": mean(sum(self._ce) / max(1, len(self._ce)))}
+
+
+def build_loss(cfg: RunConfig) -> TrainingLoss:
+    return TrainingLoss(cfg.loss.name, cfg.train.grad_accum, **loss_options(cfg))
