@@ -56,7 +56,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(base, tmp_path
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert [p.name for p in list_checkpoints(run)] == ["step_0000002"]
     assert (run / "checkpoints" / ".tmp_step_0000004").is_dir()  # the torn write, ignored
-    state = load_checkpoint(list_checkpoints(run)[-1], load_weights=lambda t: None)
+    state = load_checkpoint(list_checkpoints(run)[-1], lambda t: None)
     assert state["step"] == 2
     assert main(["train", "--resume", str(run)]) == 0
     assert losses(run) == losses(uninterrupted)

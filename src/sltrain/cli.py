@@ -20,10 +20,9 @@ from sltrain.config import (
     flag_table,
     flatten,
     load_config,
-    locked_differences,
     read_config_file,
     resume_config,
-    saved_config,
+    run_clashes,
 )
 from sltrain.errors import UserError
 
@@ -78,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError("--resume auto needs --out-dir, the run folder to continue or start")
         run_dir = Path(cfg.train.out_dir)
         if list_checkpoints(run_dir):
-            clashes = locked_differences(saved_config(run_dir), flatten(cfg.to_dict()))
+            clashes = run_clashes(run_dir, cfg)
             if clashes:
                 raise UserError(f"run folder {run_dir} was made by another config "
                                 f"({', '.join(clashes)}); pass another --out-dir or the same flags")

@@ -422,6 +422,11 @@ def locked_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
+def run_clashes(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """The keys by which the run saved in `run_dir` differs from `cfg` in ways it cannot continue."""
+    return locked_differences(saved_config(run_dir), flatten(cfg.to_dict()))
+
+
 def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
     """The saved config of `run_dir` with `overrides` on top, refusing incompatible changes."""
     saved = saved_config(run_dir)

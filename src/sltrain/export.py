@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from torch import nn
 
@@ -45,7 +45,7 @@ from sltrain.data.tokenizer import META_FILE, load_tokenizer
 from sltrain.errors import UserError
 from sltrain.model import build_model
 from sltrain.parametrize import merge
-from sltrain.train.checkpoint import MODEL_FILE, STATE_FILE, find_checkpoint
+from sltrain.train.checkpoint import MODEL_FILE, STATE_FILE, find_checkpoint, load_weights
 from sltrain.train.evaluate import evaluate
 from sltrain.train.loop import autocast_for, resolve_device
 
@@ -76,11 +76,7 @@ def load_run_model(path: Path) -> tuple[nn.Module, RunConfig, Path]:
     ckpt = find_checkpoint(path)
     cfg = checkpoint_config(ckpt)
     model = build_model(cfg)
-    try:
-        model.load_state_dict(load_file(str(ckpt / MODEL_FILE)), strict=True)
-    except (RuntimeError, OSError, SafetensorError) as e:
-        first = str(e).splitlines()[0]
-        raise UserError(f"checkpoint {ckpt} cannot be loaded ({first}); it is damaged") from None
+    load_weights(ckpt, model.load_state_dict)
     return model.eval(), cfg, ckpt
 
 

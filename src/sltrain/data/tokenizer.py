@@ -55,10 +55,7 @@ def load_or_train(texts_fn, vocab_size: int, fingerprint: str) -> tuple[Tokenize
     if path.is_file():
         return Tokenizer.from_file(str(path)), path
     tok = train_bpe(texts_fn(), vocab_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tok.save(str(tmp))
-    os.replace(tmp, path)
+    write_atomic(path, tok.to_str(pretty=True))
     return tok, path
 
 

@@ -6,17 +6,17 @@ so a folder with the final name is always complete; only the newest `keep` are k
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from sltrain.errors import UserError
 
@@ -77,18 +77,24 @@ def find_checkpoint(path: Path) -> Path:
     return found[-1]
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module | None = None,
-                    load_weights: Callable[[dict[str, torch.Tensor]], None] | None = None,
-                    ) -> dict[str, Any]:
-    """Load the weights (support included) into `model`, or hand them to `load_weights`; return
-    the training state."""
-    try:
-        tensors = load_file(str(ckpt / MODEL_FILE))
-        if load_weights is not None:
-            load_weights(tensors)
-        elif model is not None:
-            model.load_state_dict(tensors, strict=True)
+def load_weights(ckpt: Path, apply: Callable[[dict[str, torch.Tensor]], Any]) -> None:
+    """Read a checkpoint's weights (support included) and hand them to `apply` (e.g. a model's
+    `load_state_dict`); a missing, damaged or mismatched file is one UserError."""
+    with _refusing_damage(ckpt):
+        apply(load_file(str(ckpt / MODEL_FILE)))
+
+
+def load_checkpoint(ckpt: Path, apply: Callable[[dict[str, torch.Tensor]], Any]) -> dict[str, Any]:
+    """Load the weights through `apply` (see `load_weights`); return the training state."""
+    load_weights(ckpt, apply)
+    with _refusing_damage(ckpt):
         return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+@contextlib.contextmanager
+def _refusing_damage(ckpt: Path) -> Iterator[None]:
+    try:
+        yield
     except FileNotFoundError as e:
         raise UserError(f"checkpoint {ckpt} is incomplete ({e.filename} missing); "
                         "resume from an earlier checkpoint") from None

@@ -17,6 +17,7 @@ Checkpoints are the same files whatever the world size (full state dicts, writte
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -47,13 +48,10 @@ class World:
 
     def mean(self, value: float) -> float:
         """The mean of `value` over ranks (itself when alone)."""
-        if not self.active:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
-        dist.all_reduce(t)
-        return t.item() / self.size
+        return self.sum([value])[0] / self.size
 
     def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over ranks (the values themselves when alone)."""
         if not self.active:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
@@ -153,8 +151,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def no_sync(model: nn.Module, last: bool):
     """Skip the gradient reduction of every micro-batch but the last of an update step."""
-    import contextlib
-
     if isinstance(model, nn.parallel.DistributedDataParallel) and not last:
         return model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2

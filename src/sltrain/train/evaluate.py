@@ -30,32 +30,28 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
+    world = world or World()
     n = min(len(blocks), max_batches * batch_size)
+    mine = list(range(world.rank, n, world.size))  # all n blocks, in order, in one process
+    padded = mine + [0] * (-(-n // world.size) - len(mine))
+    per_rank = max(1, batch_size // world.size)
     total_loss, total_tokens = 0.0, 0
-    if world is None or not world.active:
-        for start in range(0, n, batch_size):
-            x, y = blocks.batch(range(start, min(n, start + batch_size)))
-            x, y = x.to(device), y.to(device)
-            with autocast:
-                logits = model(x)
+    for start in range(0, len(padded), per_rank):
+        idx = padded[start : start + per_rank]
+        counted = min(len(idx), max(0, len(mine) - start))
+        x, y = blocks.batch(idx)
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            logits = model(x)
+        if counted == len(idx):
             total_loss += lm_loss(logits, y, reduction="sum").item()
-            total_tokens += y.numel()
-    else:
-        mine = list(range(world.rank, n, world.size))
-        padded = mine + [0] * (-(-n // world.size) - len(mine))
-        per_rank = max(1, batch_size // world.size)
-        for start in range(0, len(padded), per_rank):
-            idx = padded[start : start + per_rank]
-            x, y = blocks.batch(idx)
-            x, y = x.to(device), y.to(device)
-            with autocast:
-                logits = model(x)
+        else:  # a padded batch: count only this rank's own blocks
             rows = lm_loss(logits, y, reduction="none").view(len(idx), -1).sum(1)
-            counted = min(len(idx), max(0, len(mine) - start))
             total_loss += rows[:counted].sum().item()
-            total_tokens += counted * y.shape[1]
-        total_loss, total_tokens = world.sum([total_loss, float(total_tokens)])
-        total_tokens = int(total_tokens)
+        total_tokens += counted * y.shape[1]
+    if world.active:
+        total_loss, tokens = world.sum([total_loss, float(total_tokens)])
+        total_tokens = int(tokens)
     model.train(was_training)
     loss = total_loss / total_tokens
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": total_tokens}

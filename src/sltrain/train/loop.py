@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sltrain.config import RunConfig, flatten, locked_differences, saved_config
+from sltrain.config import RunConfig, run_clashes
 from sltrain.data import Blocks, BlockSampler, prepare, prepare_options, save_tokenizer
 from sltrain.errors import UserError
 from sltrain.measure import PeakMemory, count_parameters, estimate_memory, measure_memory
@@ -70,7 +70,7 @@ def new_run_dir(cfg: RunConfig) -> Path:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{cfg.model.preset}-{cfg.method.name}-{stamp}"
     if list_checkpoints(run_dir):
-        clashes = locked_differences(saved_config(run_dir), flatten(cfg.to_dict()))
+        clashes = run_clashes(run_dir, cfg)
         why = (f" made by another config ({', '.join(clashes)})" if clashes else "")
         raise UserError(
             f"run folder {run_dir} already holds checkpoints{why}; continue it with --resume "
@@ -161,8 +161,7 @@ def train(
 
     step, tokens_seen, elapsed_before, skipped = 0, 0, 0.0, 0
     if ckpt:
-        state = load_checkpoint(
-            ckpt, load_weights=lambda t: distributed.load_model_state(model, world, t))
+        state = load_checkpoint(ckpt, lambda t: distributed.load_model_state(model, world, t))
         distributed.load_optimizer_state(model, optimizer, world, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
