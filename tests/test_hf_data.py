@@ -301,3 +301,20 @@ def test_data_prepare_fills_the_cache_train_reads(tiny, capsys):
     assert "tokenised" in capsys.readouterr().out
     assert main(["data", "prepare", *flags]) == 0
     assert "found in the cache" in capsys.readouterr().out
+
+
+def test_eval_and_health_of_a_run_on_a_streamed_source_read_its_budget(
+        tiny, small_corpus, monkeypatch, tmp_path, capsys):
+    """A Hub source has no end: evaluating a run on it reads the run's own token budget."""
+    from sltrain.export import perplexity
+
+    docs = docs_of(small_corpus)
+    monkeypatch.setattr(streaming, "open_splits",
+                        lambda src, train_split, val_split: (iter(docs[i % 9] for i in range(36)),
+                                                             iter(docs[9:])))
+    summary = train(load_config(None, {**tiny, "data.source": "hf:someone/corpus:en",
+                                       "train.steps": 4, "train.eval_every": 0}))
+    run = tmp_path / "run"
+    r = perplexity(run, max_batches=tiny["train.eval_batches"])
+    assert r["ppl"] == pytest.approx(summary["val_ppl"], rel=1e-6)
+    assert main(["health", str(run), "--out", str(tmp_path / "h")]) == 0

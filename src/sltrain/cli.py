@@ -251,12 +251,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from sltrain.data import Blocks, prepare
+    from sltrain.data import Blocks, prepare, prepare_options
     from sltrain.export import load_run_model
     from sltrain.measure.health import health_record, plot_spectra, weight_spectra
 
     model, cfg, ckpt = load_run_model(Path(args.run))
-    data = prepare(cfg.data, cfg.model_dims()["vocab_size"], ckpt.parent.parent)
+    data = prepare(cfg.data, cfg.model_dims()["vocab_size"], ckpt.parent.parent,
+                   **prepare_options(cfg))
     blocks = Blocks(data.val, cfg.data.seq_len)
     n = min(len(blocks), args.blocks)
     if n == 0:

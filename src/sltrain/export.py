@@ -40,7 +40,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from sltrain.config import RunConfig, build_config, flatten, load_config
-from sltrain.data import Blocks, prepare
+from sltrain.data import Blocks, prepare, prepare_options
 from sltrain.data.tokenizer import META_FILE, load_tokenizer
 from sltrain.errors import UserError
 from sltrain.model import build_model
@@ -210,7 +210,8 @@ def perplexity(path: Path, overrides: dict[str, Any] | None = None, split: str =
                         f"--seq-len {context} or less")
     device = resolve_device(cfg.train.device)
 
-    data = prepare(cfg.data, vocab, tokenizer_file)
+    # The token budget of a streamed source is the run's (its cached streams are read again).
+    data = prepare(cfg.data, vocab, tokenizer_file, **prepare_options(cfg))
     tokens = np.concatenate([data.train, data.val]) if split == "all" else getattr(data, split)
     blocks = Blocks(tokens, seq_len)
     if len(blocks) == 0:
