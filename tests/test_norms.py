@@ -86,3 +86,34 @@ def test_norm_shapes():
     assert [b.post_ln for b in mix.layers] == [True, False, False]
     single = build_model(small(**{"model.norm": "single_scale_rmsnorm"}))
     assert single.norm.weight.shape == (1,)
+
+
+def test_convert_command_writes_equivalent_runs(tiny, tmp_path, capsys):
+    """`sltrain convert` of a trained Pre-LN SLTrain run: both dense forms load like any run and
+    give the run's logits (1e-5) and perplexity; non-pre_ln runs and used folders are refused;
+    the model-only result cannot be resumed."""
+    from sltrain.cli import main
+    from sltrain.export import load_run_model, perplexity
+
+    cfg = load_config(None, {**tiny, "model.norm": "pre_ln", "train.steps": 6,
+                             "train.eval_every": 0})
+    run = tmp_path / "run"
+    train(cfg)
+    x = torch.randint(0, 512, (2, 16))
+    ref = load_run_model(run)[0](x)
+    for to in ("pre_rmsnorm", "pre_crmsnorm"):
+        assert main(["convert", str(run), "--to", to, "--out", str(tmp_path / to)]) == 0
+        model, out_cfg, _ = load_run_model(tmp_path / to)
+        assert (out_cfg.model.norm, out_cfg.method.name) == (to, "full")
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+        assert perplexity(tmp_path / to, {}, "val", 2)["ppl"] == pytest.approx(
+            perplexity(run, {}, "val", 2)["ppl"], rel=1e-5)
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "pre_rmsnorm"), "--to", "pre_crmsnorm",
+                 "--out", str(tmp_path / "again")]) == 2
+    assert "only a pre_ln run converts" in capsys.readouterr().err
+    assert main(["convert", str(run), "--to", "pre_rmsnorm",
+                 "--out", str(tmp_path / "pre_rmsnorm")]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "pre_rmsnorm"), "--progress", "false"]) == 2
+    assert "without a training state" in capsys.readouterr().err

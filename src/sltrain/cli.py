@@ -236,6 +236,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from sltrain.model.convert import convert_run
+
+    info = convert_run(Path(args.run), args.to, Path(args.out))
+    print(f"converted {info['source']} (pre_ln, {_fmt_count(info['source_params'])} parameters) "
+          f"to {args.to} ({_fmt_count(info['params'])} parameters, dense) in {info['checkpoint']}"
+          f"\nevaluate with: sltrain eval {args.out}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from sltrain.export import perplexity
 
@@ -419,6 +429,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a non-empty OUT, overwriting "
                    "files of the same names")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("convert", help="turn a Pre-LN run into its exact Pre-RMSNorm or "
+                       "Pre-CRMSNorm form", description="Write the newest checkpoint of the pre_ln "
+                       "run RUN (or the checkpoint folder RUN) to OUT as the equivalent dense run "
+                       "with --to pre_rmsnorm (LLaMA's norm, exportable) or pre_crmsnorm (residual "
+                       "stream in dim - 1): same logits, same gradients.")
+    p.add_argument("run", help="a pre_ln run folder (newest checkpoint) or a checkpoint folder")
+    p.add_argument("--to", choices=["pre_rmsnorm", "pre_crmsnorm"], required=True,
+                   help="the target form")
+    p.add_argument("--out", required=True, help="the new run folder to write")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("eval", help="perplexity of a run, checkpoint or export on a data source",
                        description="Token-weighted mean loss and perplexity over consecutive blocks "

@@ -408,6 +408,7 @@ def saved_config(run_dir: Path) -> dict[str, Any]:
         raise UserError(f"{run_dir} is not a run folder (no config.json); pass the folder of a run")
     saved = json.loads(path.read_text())
     saved.pop("derived", None)
+    saved.pop("derived_from", None)  # what wrote a model-only run (convert, densify, soup)
     return saved
 
 

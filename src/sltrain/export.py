@@ -41,11 +41,18 @@ from torch import nn
 
 from sltrain.config import RunConfig, build_config, flatten, load_config
 from sltrain.data import Blocks, prepare, prepare_options
-from sltrain.data.tokenizer import META_FILE, load_tokenizer
+from sltrain.data.tokenizer import META_FILE, load_tokenizer, save_tokenizer
 from sltrain.errors import UserError
-from sltrain.model import build_model
+from sltrain.model import build_model, param_spec
 from sltrain.parametrize import merge
-from sltrain.train.checkpoint import MODEL_FILE, STATE_FILE, find_checkpoint, load_weights
+from sltrain.train.checkpoint import (
+    MODEL_FILE,
+    STATE_FILE,
+    find_checkpoint,
+    list_checkpoints,
+    load_weights,
+    save_checkpoint,
+)
 from sltrain.train.evaluate import evaluate
 from sltrain.train.loop import autocast_for, resolve_device
 
@@ -78,6 +85,24 @@ def load_run_model(path: Path) -> tuple[nn.Module, RunConfig, Path]:
     model = build_model(cfg)
     load_weights(ckpt, model.load_state_dict)
     return model.eval(), cfg, ckpt
+
+
+def save_model_run(model: nn.Module, cfg: RunConfig, out: Path, source_run: Path, step: int,
+                   record: dict[str, Any]) -> Path:
+    """Write `model` (built by `cfg`) as a run folder that holds weights but no training state:
+    config.json, the source run's tokenizer and one model-only checkpoint. `sltrain eval`,
+    `export`, `health` and `train --init-from` read it like a trained run; `record` (what made it)
+    goes to config.json's `derived_from`. Returns the checkpoint folder."""
+    if list_checkpoints(out) or (out / "config.json").exists():
+        raise UserError(f"{out} already holds a run; pass another --out folder")
+    tok, eos = run_tokenizer(source_run)
+    out.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tok, eos, out, cfg.data.tokenizer)
+    (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "derived_from": record},
+                                                indent=2))
+    meta = {"config": cfg.to_dict(), "param_spec": param_spec(cfg).to_dict(), **record}
+    state = {"step": step, "model_only": True}
+    return save_checkpoint(out, step, model.state_dict(), state, meta, keep=1)
 
 
 def _transformers() -> Any:

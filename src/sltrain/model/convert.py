@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from sltrain.config import build_config
 from sltrain.errors import UserError
 from sltrain.model.llama import Llama
 from sltrain.parametrize import merge
+from sltrain.train.checkpoint import STATE_FILE
 
 READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
            "mlp.up_proj")  # linears that read a block's normalised input
@@ -86,3 +90,28 @@ def to_pre_crmsnorm(model: Llama) -> Llama:
 
 
 CONVERTERS = {"pre_rmsnorm": to_pre_rmsnorm, "pre_crmsnorm": to_pre_crmsnorm}
+
+
+def convert_run(path: Path, to: str, out: Path) -> dict[str, Any]:
+    """`sltrain convert`: the newest checkpoint of a Pre-LN run (or a checkpoint folder) written
+    to `out` as an equivalent dense run with norm `to`, which eval, export and --init-from read."""
+    from sltrain.export import load_run_model, save_model_run  # export builds on the model
+
+    if to not in CONVERTERS:
+        raise UserError(f"unknown target norm '{to}'; choose one of {', '.join(CONVERTERS)}")
+    model, cfg, ckpt = load_run_model(path)
+    if cfg.model.norm != "pre_ln":
+        raise UserError(f"{ckpt} was trained with --norm {cfg.model.norm}; only a pre_ln run "
+                        "converts (its Pre-RMSNorm and Pre-CRMSNorm forms are exact)")
+    converted = CONVERTERS[to](model)
+    tree = cfg.to_dict()
+    tree["model"]["norm"] = to
+    tree["method"]["name"] = "full"  # factored layers are merged: centring densifies them
+    new_cfg = build_config(tree)
+    step = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)["step"]
+    record = {"command": "convert", "source": str(ckpt), "from_norm": "pre_ln", "to_norm": to,
+              "from_method": cfg.method.name}
+    saved = save_model_run(converted, new_cfg, out, ckpt.parent.parent, step, record)
+    return {"checkpoint": str(saved), "source": str(ckpt), "to": to,
+            "params": sum(p.numel() for p in converted.parameters()),
+            "source_params": sum(p.numel() for p in model.parameters())}

@@ -162,6 +162,9 @@ def train(
     step, tokens_seen, elapsed_before, skipped = 0, 0, 0.0, 0
     if ckpt:
         state = load_checkpoint(ckpt, lambda t: distributed.load_model_state(model, world, t))
+        if state.get("model_only"):
+            raise UserError(f"{ckpt} holds weights without a training state (written by convert, "
+                            "densify or soup); it cannot be resumed, start a new run from it")
         distributed.load_optimizer_state(model, optimizer, world, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
