@@ -149,3 +149,8 @@ def test_init_from_refuses_a_model_it_does_not_fit(tiny, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         train(load_config(None, {**tiny, "train.out_dir": str(tmp_path / "y"),
                                  "train.init_from": str(tmp_path / "nope")}))
+
+
+def test_mask_is_only_for_sparse():
+    with pytest.raises(UserError, match="--mask magnitude"):
+        load_config(None, {"method.name": "sltrain", "method.mask": "magnitude"})

@@ -103,6 +103,13 @@ class MethodConfig(_Section):
     # of the dense initialisation; `density` is the fraction kept.
     mask: Literal["random", "magnitude"] = "random"
 
+    @model_validator(mode="after")
+    def _mask_for_sparse(self) -> MethodConfig:
+        if self.mask != "random" and self.name != "sparse":
+            raise UserError(f"--mask {self.mask} chooses the support of method sparse, not "
+                            f"{self.name}; pass --method sparse or drop --mask")
+        return self
+
     @field_validator("targets", mode="before")
     @classmethod
     def _split_targets(cls, v: Any) -> Any:
