@@ -114,6 +114,6 @@ def test_convert_command_writes_equivalent_runs(tiny, tmp_path, capsys):
     assert "only a pre_ln run converts" in capsys.readouterr().err
     assert main(["convert", str(run), "--to", "pre_rmsnorm",
                  "--out", str(tmp_path / "pre_rmsnorm")]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "not an empty folder" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "pre_rmsnorm"), "--progress", "false"]) == 2
     assert "without a training state" in capsys.readouterr().err

@@ -138,16 +138,17 @@ def cmd_memory(args: argparse.Namespace) -> int:
     mem = estimate_memory(model, DTYPES[args.dtype], cfg.optimizer, cfg.rank)
     report = {"preset": cfg.model.preset, "method": cfg.method.name, "dtype": args.dtype,
               "optimizer": cfg.optimizer.name, "params": counts, "bytes": mem.to_dict()}
-    if cfg.method.name != "full":
+    if cfg.method.name not in ("full", "sparse"):
         report.update(rank=cfg.rank, lora_alpha=cfg.lora_alpha)
-    if cfg.method.name == "sltrain":
+    if cfg.method.name in ("sltrain", "sparse"):
         report["density"] = cfg.density
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     knobs = {"full": "", "lowrank": f" (rank {cfg.rank})",
              "sltrain": f" (rank {cfg.rank}, alpha {cfg.lora_alpha:g}, density {cfg.density:g})",
-             "relora": f" (rank {cfg.rank}, alpha {cfg.lora_alpha:g})"}
+             "relora": f" (rank {cfg.rank}, alpha {cfg.lora_alpha:g})",
+             "sparse": f" (density {cfg.density:g}, {cfg.method.mask} mask)"}
     print(f"{cfg.model.preset} x {cfg.method.name}{knobs[cfg.method.name]}, "
           f"{args.dtype} weights and states, {cfg.optimizer.name}"
           + (" with per-layer updates" if cfg.optimizer.per_layer_updates else ""))
@@ -243,6 +244,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"converted {info['source']} (pre_ln, {_fmt_count(info['source_params'])} parameters) "
           f"to {args.to} ({_fmt_count(info['params'])} parameters, dense) in {info['checkpoint']}"
           f"\nevaluate with: sltrain eval {args.out}")
+    return 0
+
+
+def cmd_densify(args: argparse.Namespace) -> int:
+    from sltrain.densify import densify
+
+    info = densify(Path(args.run), Path(args.out))
+    print(f"densified {info['source']} ({info['method']}, step {info['step']}) into {args.out}: "
+          f"a dense (full) model of {_fmt_count(info['params'])} parameters\n"
+          f"fine-tune with: sltrain train --method full --init-from {args.out} --out-dir DIR")
     return 0
 
 
@@ -440,6 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the target form")
     p.add_argument("--out", required=True, help="the new run folder to write")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("densify", help="fold a run (sparse, sltrain, ...) into a dense run folder "
+                       "to fine-tune with --init-from",
+                       description="Merge the newest checkpoint of RUN (or the checkpoint folder "
+                       "RUN) to dense weights and write OUT: a run folder of method full with one "
+                       "weights-only checkpoint, read by `sltrain train --init-from OUT`, "
+                       "`sltrain eval` and `sltrain export`.")
+    p.add_argument("run", help="a run folder (newest checkpoint) or a checkpoint folder")
+    p.add_argument("--out", required=True, help="the run folder to write (new or empty)")
+    p.set_defaults(func=cmd_densify)
 
     p = sub.add_parser("eval", help="perplexity of a run, checkpoint or export on a data source",
                        description="Token-weighted mean loss and perplexity over consecutive blocks "

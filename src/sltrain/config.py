@@ -92,13 +92,23 @@ class ModelConfig(_Section):
 
 
 class MethodConfig(_Section):
-    name: Literal["full", "lowrank", "sltrain", "relora"] = "sltrain"
+    name: Literal["full", "lowrank", "sltrain", "relora", "sparse"] = "sltrain"
     rank: int | None = Field(None, gt=0)
     lora_alpha: float | None = Field(None, gt=0)
     density: float | None = Field(None, gt=0, le=1, alias="sp_ratio")
     targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
     # ReLoRA: train the dense weights for this many update steps before the factors take over.
     warm_start_steps: int = Field(0, ge=0)
+    # sparse: the fixed support is drawn at random (seeded per layer) or keeps the largest |w|
+    # of the dense initialisation; `density` is the fraction kept.
+    mask: Literal["random", "magnitude"] = "random"
+
+    @model_validator(mode="after")
+    def _mask_for_sparse(self) -> MethodConfig:
+        if self.mask != "random" and self.name != "sparse":
+            raise UserError(f"--mask {self.mask} chooses the support of method sparse, not "
+                            f"{self.name}; pass --method sparse or drop --mask")
+        return self
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -211,6 +221,9 @@ class TrainConfig(_Section):
     log_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     wandb_project: str = "sltrain"
     wandb_mode: Literal["offline", "online"] = "offline"
+    # Start from the weights of this run or checkpoint (merged to dense when the method is full);
+    # the optimizer, schedule and step count start afresh. See `sltrain densify`.
+    init_from: str | None = None
 
     @field_validator("log_to", mode="before")
     @classmethod
@@ -229,6 +242,24 @@ class LossConfig(_Section):
     logit_z_coef: float = Field(1e-4, gt=0, allow_inf_nan=False)
 
 
+class PruneConfig(_Section):
+    # Gradual magnitude pruning (sltrain/train/prune.py): the sparsity of the pruned tensors ramps
+    # from 0 at prune_start to target_sparsity at prune_end (fractions of the run's update steps),
+    # one pruning event every prune_every update steps. 0 = no pruning.
+    target_sparsity: float = Field(0.0, ge=0, lt=1)
+    prune_start: float = Field(0.25, ge=0, le=1)
+    prune_end: float = Field(0.75, ge=0, le=1)
+    prune_every: int = Field(10, gt=0)
+    prune_schedule: Literal["cubic", "linear"] = "cubic"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PruneConfig:
+        if self.prune_start > self.prune_end:
+            raise UserError(f"--prune-start {self.prune_start} is after --prune-end "
+                            f"{self.prune_end}; pass a start no later than the end")
+        return self
+
+
 class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -237,6 +268,7 @@ class RunConfig(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> RunConfig:
@@ -398,7 +430,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # Sections and keys whose change makes a run's checkpoints meaningless for the new config.
-RESUME_LOCKED = ("model.", "method.", "data.", "train.batch_size", "train.grad_accum", "train.seed")
+RESUME_LOCKED = ("model.", "method.", "data.", "train.batch_size", "train.grad_accum", "train.seed",
+                 "prune.")
 
 
 def saved_config(run_dir: Path) -> dict[str, Any]:

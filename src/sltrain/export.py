@@ -49,7 +49,6 @@ from sltrain.train.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
     find_checkpoint,
-    list_checkpoints,
     load_weights,
     save_checkpoint,
 )
@@ -87,21 +86,24 @@ def load_run_model(path: Path) -> tuple[nn.Module, RunConfig, Path]:
     return model.eval(), cfg, ckpt
 
 
-def save_model_run(model: nn.Module, cfg: RunConfig, out: Path, source_run: Path, step: int,
+def save_model_run(model: nn.Module, cfg: RunConfig, out: Path, source: Path,
                    record: dict[str, Any]) -> Path:
     """Write `model` (built by `cfg`) as a run folder that holds weights but no training state:
-    config.json, the source run's tokenizer and one model-only checkpoint. `sltrain eval`,
+    config.json, the tokenizer of the checkpoint folder `source` and one model-only checkpoint
+    at its step. `sltrain eval`,
     `export`, `health` and `train --init-from` read it like a trained run; `record` (what made it)
     goes to config.json's `derived_from`. Returns the checkpoint folder."""
-    if list_checkpoints(out) or (out / "config.json").exists():
-        raise UserError(f"{out} already holds a run; pass another --out folder")
-    tok, eos = run_tokenizer(source_run)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty folder; pass a new --out")
+    tok, eos = run_tokenizer(source.parent.parent)
+    source_state = torch.load(source / STATE_FILE, map_location="cpu", weights_only=True)
+    step = source_state["step"]
     out.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tok, eos, out, cfg.data.tokenizer)
     (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "derived_from": record},
                                                 indent=2))
     meta = {"config": cfg.to_dict(), "param_spec": param_spec(cfg).to_dict(), **record}
-    state = {"step": step, "model_only": True}
+    state = {"step": step, "tokens_seen": source_state.get("tokens_seen", 0), "model_only": True}
     return save_checkpoint(out, step, model.state_dict(), state, meta, keep=1)
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from sltrain.parametrize.sltrain import SparseLowRankLinear
+from sltrain.parametrize.sparse import SparseLinear
+
+SPARSE_LAYERS = (SparseLowRankLinear, SparseLinear)  # layers with sparse `values` at a `support`
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    sparse = [m for m in model.modules() if isinstance(m, SparseLowRankLinear)]
+    sparse = [m for m in model.modules() if isinstance(m, SPARSE_LAYERS)]
     return {
         "total": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -20,6 +20,7 @@ def param_spec(cfg: RunConfig) -> ParamSpec:
         density=cfg.density,
         targets=list(cfg.method.targets),
         seed=cfg.train.seed,
+        mask=cfg.method.mask,
     )
 
 

@@ -24,7 +24,6 @@ from sltrain.config import build_config
 from sltrain.errors import UserError
 from sltrain.model.llama import Llama
 from sltrain.parametrize import merge
-from sltrain.train.checkpoint import STATE_FILE
 
 READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
            "mlp.up_proj")  # linears that read a block's normalised input
@@ -108,10 +107,9 @@ def convert_run(path: Path, to: str, out: Path) -> dict[str, Any]:
     tree["model"]["norm"] = to
     tree["method"]["name"] = "full"  # factored layers are merged: centring densifies them
     new_cfg = build_config(tree)
-    step = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)["step"]
     record = {"command": "convert", "source": str(ckpt), "from_norm": "pre_ln", "to_norm": to,
               "from_method": cfg.method.name}
-    saved = save_model_run(converted, new_cfg, out, ckpt.parent.parent, step, record)
+    saved = save_model_run(converted, new_cfg, out, ckpt, record)
     return {"checkpoint": str(saved), "source": str(ckpt), "to": to,
             "params": sum(p.numel() for p in converted.parameters()),
             "source_params": sum(p.numel() for p in model.parameters())}

@@ -133,7 +133,7 @@ def validate(cfg: RunConfig) -> None:
     if method == "relora" and opt.reset_every == 0:
         raise UserError(f"method relora merges its factors every {every} steps, which is 0; "
                         f"pass e.g. {every} 1000")
-    if opt.refactor and method in ("full", "relora"):
+    if opt.refactor and method in ("full", "relora", "sparse"):
         refactor = flag_for("optimizer.refactor")
         raise UserError(f"{refactor} re-splits the B @ A factors of methods lowrank and sltrain, not "
                         f"{method}; pass --method lowrank or sltrain, or drop {refactor}")

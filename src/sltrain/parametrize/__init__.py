@@ -16,6 +16,7 @@ from sltrain.parametrize.base import FactoredLinear
 from sltrain.parametrize.lowrank import LowRankLinear
 from sltrain.parametrize.relora import ReLoRALinear
 from sltrain.parametrize.sltrain import SparseLowRankLinear
+from sltrain.parametrize.sparse import SparseLinear
 
 # name -> layer class with `from_linear(linear, rank=, lora_alpha=, density=, seed=)` and
 # `merged()`; None keeps the dense nn.Linear.
@@ -24,6 +25,7 @@ METHODS: dict[str, type[nn.Module] | None] = {
     "lowrank": LowRankLinear,
     "sltrain": SparseLowRankLinear,
     "relora": ReLoRALinear,
+    "sparse": SparseLinear,
 }
 
 
@@ -35,6 +37,7 @@ class ParamSpec:
     density: float = 0.03
     targets: list[str] = field(default_factory=list)
     seed: int = 0
+    mask: str = "random"  # sparse: how the fixed support is chosen (random or magnitude)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,7 +74,7 @@ def apply(model: nn.Module, spec: ParamSpec) -> nn.Module:
     if not 0 < spec.density <= 1:
         raise UserError(f"density {spec.density} is outside (0, 1]; pass e.g. --density 0.03")
     smallest = min(min(m.in_features, m.out_features) for _, m in linears)
-    if not 0 < spec.rank <= smallest:
+    if getattr(layer_cls, "uses_rank", True) and not 0 < spec.rank <= smallest:
         raise UserError(
             f"rank {spec.rank} is impossible: it must lie in 1..{smallest}, the smallest "
             f"min(in, out) of the targeted layers; pass e.g. --rank {max(1, smallest // 4)}"
@@ -79,7 +82,7 @@ def apply(model: nn.Module, spec: ParamSpec) -> nn.Module:
     for name, linear in linears:
         new = layer_cls.from_linear(  # type: ignore[attr-defined]
             linear, rank=spec.rank, lora_alpha=spec.lora_alpha, density=spec.density,
-            seed=layer_seed(spec.seed, name),
+            seed=layer_seed(spec.seed, name), mask=spec.mask,
         )
         _replace(model, name, new)
     return model

@@ -15,6 +15,18 @@ from torch import nn
 from sltrain.parametrize.base import FactoredLinear
 
 
+def index_dtype(numel: int) -> torch.dtype:
+    """The support's index dtype: int32 wherever the matrix has fewer than 2^31 entries."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def random_support(numel: int, nnz: int, seed: int) -> torch.Tensor:
+    """`nnz` sorted flat indices drawn uniformly without replacement from a generator seeded by
+    `seed` (the same on every process), as int64."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(numel, generator=g)[:nnz].sort().values
+
+
 def compose_weight(
     A: torch.Tensor, B: torch.Tensor, values: torch.Tensor, support: torch.Tensor, scaling: float
 ) -> torch.Tensor:
@@ -82,12 +94,11 @@ class SparseLowRankLinear(FactoredLinear):
         self.seed = seed
         numel = in_features * out_features
         nnz = max(1, round(density * numel))
-        index_dtype = torch.int32 if numel < 2**31 else torch.int64
         kw = dict(device=device, dtype=dtype)
         self.A = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.B = nn.Parameter(torch.empty(out_features, rank, **kw))
         self.values = nn.Parameter(torch.empty(nnz, **kw))
-        self.register_buffer("support", torch.empty(nnz, dtype=index_dtype, device=device))
+        self.register_buffer("support", torch.empty(nnz, dtype=index_dtype(numel), device=device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -97,14 +108,12 @@ class SparseLowRankLinear(FactoredLinear):
         nn.init.uniform_(self.A, -bound, bound)
         nn.init.zeros_(self.B)
         nn.init.uniform_(self.values, -bound, bound)
-        g = torch.Generator().manual_seed(self.seed)
-        numel = self.in_features * self.out_features
-        picked = torch.randperm(numel, generator=g)[: self.values.numel()].sort().values
+        picked = random_support(self.in_features * self.out_features, self.values.numel(), self.seed)
         self.support.copy_(picked.to(self.support.dtype))
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, rank: int, lora_alpha: float, density: float, seed: int
+        cls, linear: nn.Linear, rank: int, lora_alpha: float, density: float, seed: int, **_: object
     ) -> SparseLowRankLinear:
         w = linear.weight
         return cls(linear.in_features, linear.out_features, rank, lora_alpha, density, seed,

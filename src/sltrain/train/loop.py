@@ -38,6 +38,8 @@ from sltrain.train.checkpoint import (
 from sltrain.train.evaluate import evaluate
 from sltrain.train.loggers import MetricLoggers
 from sltrain.train.losses import build_loss
+from sltrain.train.prune import Pruner
+from sltrain.train.prune import validate as validate_pruning
 from sltrain.train.schedule import build_scheduler, schedule_options
 
 
@@ -126,11 +128,22 @@ def train(
 
     # Rank/density against the shapes and the optimizer settings, before any data work.
     validate_optimizer(cfg, build_model(cfg, device="meta"))
+    validate_pruning(cfg)
+    init_from = Path(tc.init_from) if tc.init_from and not ckpt else None
+    if init_from:
+        from sltrain.densify import init_tokenizer_dir
+
+        if not init_from.exists():
+            raise UserError(f"--init-from {init_from} does not exist; pass a run or checkpoint folder")
+        # The new run reads the data with the tokenizer its initial weights learned.
+        init_tokenizer = init_tokenizer_dir(init_from) / "tokenizer.json"
     vocab = cfg.model_dims()["vocab_size"]
     tokenizer_file = run_dir / "tokenizer.json"
     if not world.main:
         world.barrier()  # rank 0 tokenises and fills the cache first; the others read it
-    data = prepare(cfg.data, vocab, tokenizer_file if ckpt else None, **prepare_options(cfg))
+    data = prepare(cfg.data, vocab,
+                   tokenizer_file if ckpt else init_tokenizer if init_from else None,
+                   **prepare_options(cfg))
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs have proven valid
         save_tokenizer(data.tokenizer, data.eos_token, run_dir, cfg.data.tokenizer)
@@ -149,6 +162,10 @@ def train(
     peak_memory = PeakMemory(device).start()
     torch.manual_seed(tc.seed)
     raw_model = build_model(cfg).to(device)
+    if init_from:
+        from sltrain.densify import init_weights_from
+
+        init_weights_from(raw_model, init_from)
     include_warm_start_params(raw_model, cfg)
     model = distributed.wrap(raw_model, world, device)
     optimizer = build_optimizer(raw_model, cfg.optimizer, cfg.rank, tc.grad_accum)
@@ -159,12 +176,14 @@ def train(
                                 lambda s: tricks.cycle_start(s) if tricks else None,
                                 **schedule_options(cfg))
 
+    pruner = Pruner(raw_model, cfg)
     step, tokens_seen, elapsed_before, skipped = 0, 0, 0.0, 0
     if ckpt:
         state = load_checkpoint(ckpt, lambda t: distributed.load_model_state(model, world, t))
-        if state.get("model_only"):
+        if state.get("model_only") or "optimizer" not in state:
             raise UserError(f"{ckpt} holds weights without a training state (written by convert, "
-                            "densify or soup); it cannot be resumed, start a new run from it")
+                            f"densify or soup); start a new run from it with --init-from "
+                            f"{ckpt.parent.parent}")
         distributed.load_optimizer_state(model, optimizer, world, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
@@ -173,6 +192,7 @@ def train(
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         step, tokens_seen, elapsed_before = state["step"], state["tokens_seen"], state["elapsed_s"]
         skipped = state.get("skipped_nonfinite", 0)
+        pruner.load_state_dict(state.get("prune"), step)
     tricks = CycleTricks(raw_model, optimizer, cfg, start_step=step)
     loggers = MetricLoggers(run_dir, cfg, step if ckpt else None) if world.main else None
 
@@ -190,7 +210,7 @@ def train(
             state = {"step": at_step, "tokens_seen": tokens_seen, "sampler": sampler.state_dict(),
                      "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng,
                      "elapsed_s": elapsed_before + time.perf_counter() - loop_start,
-                     "skipped_nonfinite": skipped}
+                     "skipped_nonfinite": skipped, "prune": pruner.state_dict()}
             path = save_checkpoint(run_dir, at_step, weights, state, meta, tc.keep_checkpoints)
         world.barrier()
         return path
@@ -234,13 +254,14 @@ def train(
             clip = cfg.optimizer.grad_clip
             # Which parameters train can change during a run (ReLoRA's warm start): ask each step.
             trainable = [p for p in raw_model.parameters() if p.requires_grad]
+            pruner.before_step()
             grad_norm = _total_norm(torch.nn.utils.clip_grad_norm_(trainable, clip)) if clip else None
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            events = tricks.after_step(step)
+            events = {**tricks.after_step(step), **pruner.after_step(step, optimizer)}
             tokens_seen += cfg.tokens_per_step
             dt = time.perf_counter() - t0
             step_time, step_tokens = step_time + dt, step_tokens + cfg.tokens_per_step
@@ -294,6 +315,7 @@ def train(
         "preset": cfg.model.preset,
         **{k: v for k, v in last_eval.items()},
         "params": params,
+        **pruner.summary(),
         "training_state_bytes": measure_memory(raw_model, optimizer).to_dict(),
         "estimated_state_bytes": estimate_memory(raw_model, next(raw_model.parameters()).dtype,
                                                  cfg.optimizer, cfg.rank, tc.grad_accum).to_dict(),
