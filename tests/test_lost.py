@@ -8,6 +8,7 @@ from torch import nn
 
 from sltrain.config import load_config
 from sltrain.errors import UserError
+from sltrain.export import load_run_model
 from sltrain.measure import count_parameters, estimate_memory, measure_memory
 from sltrain.model import build_model
 from sltrain.optim.tricks import refactor_
@@ -177,6 +178,12 @@ def test_short_run_lowers_loss_and_resumes_the_channels(tiny, tmp_path):
     assert any(not torch.equal(b, weights[n]) for n, b in model.named_buffers() if n in channels)
     model.load_state_dict(weights)
     assert all(torch.equal(b, weights[n]) for n, b in model.named_buffers() if n in channels)
+    # what export does: rebuild the run's model from its checkpoint and fold it dense
+    ours, _, _ = load_run_model(tmp_path / "run")
+    ids = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        before = ours(ids)
+        torch.testing.assert_close(merge(ours)(ids), before, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("overrides, words", [
