@@ -140,7 +140,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
               "optimizer": cfg.optimizer.name, "params": counts, "bytes": mem.to_dict()}
     if cfg.method.name not in ("full", "sparse"):
         report.update(rank=cfg.rank, lora_alpha=cfg.lora_alpha)
-    if cfg.method.name in ("sltrain", "sparse"):
+    if cfg.method.name in ("sltrain", "sparse", "lost"):
         report["density"] = cfg.density
     if args.json:
         print(json.dumps(report, indent=2))
@@ -148,14 +148,16 @@ def cmd_memory(args: argparse.Namespace) -> int:
     knobs = {"full": "", "lowrank": f" (rank {cfg.rank})",
              "sltrain": f" (rank {cfg.rank}, alpha {cfg.lora_alpha:g}, density {cfg.density:g})",
              "relora": f" (rank {cfg.rank}, alpha {cfg.lora_alpha:g})",
-             "sparse": f" (density {cfg.density:g}, {cfg.method.mask} mask)"}
+             "sparse": f" (density {cfg.density:g}, {cfg.method.mask} mask)",
+             "lost": f" (rank {cfg.rank}, density {cfg.density:g})"}
     print(f"{cfg.model.preset} x {cfg.method.name}{knobs[cfg.method.name]}, "
           f"{args.dtype} weights and states, {cfg.optimizer.name}"
           + (" with per-layer updates" if cfg.optimizer.per_layer_updates else ""))
     print(f"parameters: total {_fmt_count(counts['total'])} ({counts['total']:,}), "
           f"trainable {_fmt_count(counts['trainable'])}, sparse values "
           f"{_fmt_count(counts['sparse'])}")
-    index_dtype = next((b.dtype for n, b in model.named_buffers() if n.endswith("support")), None)
+    index_dtype = next((b.dtype for n, b in model.named_buffers()
+                        if n.endswith(("support", "channels"))), None)
     rows = [("weights", mem.weights), ("gradients", mem.gradients),
             ("optimizer states", mem.optimizer_states),
             ("sparse indices" + (f" ({_dtype_name(index_dtype)})" if index_dtype else ""),

@@ -92,7 +92,7 @@ class ModelConfig(_Section):
 
 
 class MethodConfig(_Section):
-    name: Literal["full", "lowrank", "sltrain", "relora", "sparse"] = "sltrain"
+    name: Literal["full", "lowrank", "sltrain", "relora", "sparse", "lost"] = "sltrain"
     rank: int | None = Field(None, gt=0)
     lora_alpha: float | None = Field(None, gt=0)
     density: float | None = Field(None, gt=0, le=1, alias="sp_ratio")

@@ -19,12 +19,13 @@ from torch import nn
 from sltrain.config import RunConfig, flag_for
 from sltrain.errors import UserError
 from sltrain.parametrize import layer_seed
+from sltrain.parametrize.lost import LOSTLinear
 from sltrain.parametrize.lowrank import LowRankLinear
 from sltrain.parametrize.relora import ReLoRALinear
 from sltrain.parametrize.sltrain import SparseLowRankLinear
 
 # Layers whose weight (or low-rank part) is B @ A with both factors free: `refactor_` applies.
-REFACTORABLE = (LowRankLinear, SparseLowRankLinear)
+REFACTORABLE = (LowRankLinear, SparseLowRankLinear, LOSTLinear)
 
 # Optimizer-state entries that are moments; a key matches if it is or ends with one of these
 # (subspace optimizers prefix theirs). Every other entry (step, projectors) is left alone.
@@ -37,7 +38,7 @@ QUANTIZED_MOMENTS = {"state1": ("absmax1", "qmap1"), "state2": ("absmax2", "qmap
 # ---- refactorisation ------------------------------------------------------------------------------
 @torch.no_grad()
 def refactor_(module: nn.Module) -> None:
-    """Re-split the product B @ A of a low-rank or SLTrain layer as B = U sqrt(S), A = sqrt(S) V^T.
+    """Re-split the product B @ A of a low-rank, SLTrain or LOST layer as B = U sqrt(S), A = sqrt(S) V^T.
 
     The product (hence the layer's function) is unchanged up to float32 rounding and the rank is
     kept; the factors become balanced (B^T B = A A^T = S). Written in place into the same
@@ -135,8 +136,8 @@ def validate(cfg: RunConfig) -> None:
                         f"pass e.g. {every} 1000")
     if opt.refactor and method in ("full", "relora", "sparse"):
         refactor = flag_for("optimizer.refactor")
-        raise UserError(f"{refactor} re-splits the B @ A factors of methods lowrank and sltrain, not "
-                        f"{method}; pass --method lowrank or sltrain, or drop {refactor}")
+        raise UserError(f"{refactor} re-splits the B @ A factors of methods lowrank, sltrain and lost, "
+                        f"not {method}; pass --method lowrank, sltrain or lost, or drop {refactor}")
     if cfg.method.warm_start_steps > 0 and method != "relora":
         raise UserError(f"{flag_for('method.warm_start_steps')} {cfg.method.warm_start_steps} is only "
                         f"for method relora, not {method}; drop it or pass --method relora")

@@ -13,6 +13,7 @@ from torch import nn
 
 from sltrain.errors import UserError
 from sltrain.parametrize.base import FactoredLinear
+from sltrain.parametrize.lost import LOSTLinear
 from sltrain.parametrize.lowrank import LowRankLinear
 from sltrain.parametrize.relora import ReLoRALinear
 from sltrain.parametrize.sltrain import SparseLowRankLinear
@@ -26,6 +27,7 @@ METHODS: dict[str, type[nn.Module] | None] = {
     "sltrain": SparseLowRankLinear,
     "relora": ReLoRALinear,
     "sparse": SparseLinear,
+    "lost": LOSTLinear,
 }
 
 

@@ -71,7 +71,7 @@ def validate(cfg: RunConfig) -> None:
     """Refuse pruning settings that cannot work, before any data or model work."""
     if cfg.prune.target_sparsity == 0:
         return
-    if cfg.method.name in ("lowrank", "relora"):
+    if cfg.method.name in ("lowrank", "relora", "lost"):
         raise UserError(f"--target-sparsity prunes the weights of methods full, sparse and sltrain, "
                         f"not {cfg.method.name}; pass another --method or --target-sparsity 0")
     if cfg.optimizer.per_layer_updates:
