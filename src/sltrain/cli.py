@@ -187,6 +187,22 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_score(args: argparse.Namespace) -> int:
+    from sltrain.data.scoring import score_and_prune
+
+    r = score_and_prune([Path(p) for p in args.runs], args.method, args.keep, Path(args.out),
+                        args.drop, args.max_blocks, args.batch_size, args.device, args.seed,
+                        progress=sys.stderr.isatty())
+    q = r["quantiles"]
+    print(f"{r['method']} scores of {r['count']:,} blocks averaged over {len(r['sources'])} "
+          f"model(s): mean {r['mean']:.4f}, median {q['0.5']:.4f}, 5%-95% {q['0.05']:.4f}-"
+          f"{q['0.95']:.4f}")
+    print(f"kept {r['kept_blocks']:,} blocks (dropped {r['drop']}; kept mean score "
+          f"{r['kept_mean']:.4f}) in {args.out}; train on them with: sltrain train --data "
+          f"{args.out} --seq-len {r['seq_len']}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from sltrain.bench import SuiteRunner, builtin_suites, load_suite, render
 
@@ -400,17 +416,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, sections=("model", "method", "optimizer"))
     p.set_defaults(func=cmd_memory)
 
-    p = sub.add_parser(
-        "data", help="tokenise a corpus once into memory-mapped token files",
+    data = sub.add_parser(
+        "data", help="tokenise a corpus once into memory-mapped token files; score and prune it",
+        description="`sltrain data prepare` tokenises a corpus; `sltrain data score` scores a "
+        "run's training blocks (EL2N, GraNd) and writes a pruned token folder.")
+    actions = data.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    p = actions.add_parser(
+        "prepare", help="tokenise and save",
         description="`sltrain data prepare` tokenises --data with --tokenizer into the cache that "
         "`sltrain train` reads (same flags: same data), or with --out DIR into a folder that "
         "`--data DIR` trains on. It takes the flags of `sltrain train`; those choosing the data, "
         "the vocabulary and the token budget (steps, batch size, --max-tokens) matter.")
-    p.add_argument("action", choices=["prepare"], help="prepare: tokenise and save")
     p.add_argument("--config", help="a .toml/.yaml/.json config file; flags override it")
     p.add_argument("--out", help="write a self-contained token folder here instead of the cache")
     _add_config_flags(p)
     p.set_defaults(func=cmd_data)
+    p = actions.add_parser(
+        "score", help="score a run's training blocks (EL2N or GraNd) and write a pruned token folder",
+        description="Score every training block of the runs' data with each run's model, average "
+        "the scores over the runs (Paul et al., 2021: several briefly trained seeds), keep --keep "
+        "of the blocks and write OUT: scores.npy, scores.json and a token folder that "
+        "`sltrain train --data OUT --seq-len (the runs')` trains on.")
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_CKPT",
+                   help="run folders (newest checkpoint) or checkpoint folders, same data")
+    p.add_argument("--method", choices=["el2n", "grand"], default="el2n",
+                   help="el2n: mean L2 error of the softmax (default); grand: per-block gradient "
+                   "norm (one backward per block)")
+    p.add_argument("--keep", type=float, required=True, metavar="FRACTION",
+                   help="fraction of the blocks to keep, in (0, 1]")
+    p.add_argument("--drop", choices=["easy", "hard", "random"], default="easy",
+                   help="easy: drop the lowest scores (the paper's; default); hard: the highest; "
+                   "random: a random subset of the same size (baseline)")
+    p.add_argument("--out", required=True, help="the folder to write (new, empty or a token folder)")
+    p.add_argument("--max-blocks", type=int, metavar="N", help="score only the first N blocks "
+                   "(the pruned set is drawn from them)")
+    p.add_argument("--batch-size", type=int, metavar="B", help="blocks per forward (default: "
+                   "the run's)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+    p.add_argument("--seed", type=int, default=0, help="seed of --drop random")
+    p.set_defaults(func=cmd_data_score)
 
     p = sub.add_parser(
         "bench", help="run a suite of methods under one budget and write the comparison report",

@@ -240,6 +240,13 @@ class LossConfig(_Section):
     z_loss_b: float = Field(10.0, allow_inf_nan=False)
     # logit_z_reg: cross-entropy + coef * logsumexp(logits)^2 (the log-partition penalty).
     logit_z_coef: float = Field(1e-4, gt=0, allow_inf_nan=False)
+    # Dynamic loss-based sample reweighting (sltrain/train/reweight.py): each block's loss is
+    # weighted by softmax(f(normalised loss) / temperature) over the (global) batch; uniform
+    # weights during the first `reweight_warmup_steps` update steps.
+    reweight: Literal["none", "uniform", "linupper", "quadratic", "extremes"] = "none"
+    reweight_temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    reweight_delta: float = Field(1.0, gt=0, allow_inf_nan=False)
+    reweight_warmup_steps: int = Field(0, ge=0)
 
 
 class PruneConfig(_Section):

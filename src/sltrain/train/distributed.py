@@ -58,6 +58,15 @@ class World:
         dist.all_reduce(t)
         return t.tolist()
 
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's `t` (the same shape on each) concatenated along dim 0 in rank order
+        (`t` itself when alone)."""
+        if not self.active:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
     def any(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any rank."""
         return self.sum([float(flag)])[0] > 0 if self.active else flag

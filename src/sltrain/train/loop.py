@@ -169,7 +169,7 @@ def train(
     include_warm_start_params(raw_model, cfg)
     model = distributed.wrap(raw_model, world, device)
     optimizer = build_optimizer(raw_model, cfg.optimizer, cfg.rank, tc.grad_accum)
-    loss_fn = build_loss(cfg)  # the training objective; evaluation reports cross-entropy
+    loss_fn = build_loss(cfg, world)  # the training objective; evaluation reports cross-entropy
     tricks: CycleTricks | None = None  # built once the resumed step is known
     scheduler = build_scheduler(optimizer, cfg.schedule.name, tc.steps, cfg.warmup_steps,
                                 cfg.schedule.min_lr_ratio, cfg.schedule.restart_warmup,
@@ -228,6 +228,7 @@ def train(
         while step < tc.steps:
             t0 = time.perf_counter()
             loss_sum = 0.0
+            loss_fn.step = step  # sample reweighting's warm-up counts update steps
             for micro in range(tc.grad_accum):
                 x, y = sampler.next_batch(world.rank, world.size)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

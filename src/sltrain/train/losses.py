@@ -4,7 +4,9 @@
 scale invariant classification loss belonging to the Spherical Family" (de Brebisson & Vincent,
 2016); `logit_z_reg`, cross-entropy plus the log-partition penalty coef * logsumexp(logits)^2 of
 PaLM. Every loss takes (batch, seq, vocab) logits and (batch, seq) targets, skips targets equal to
-`ignore_index` in numerator and denominator, and reduces by "mean", "sum" or "none".
+`ignore_index` in numerator and denominator, and reduces by "mean", "sum", "none" (per token,
+flat) or "sample" (each sequence's mean over its kept tokens: shape (batch,), the input of sample
+reweighting, `reweight.py`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from sltrain.config import RunConfig
+    from sltrain.train.distributed import World
+    from sltrain.train.reweight import SampleReweighter
 
 IGNORE_INDEX = -100
-REDUCTIONS = ("mean", "sum", "none")
+REDUCTIONS = ("mean", "sum", "none", "sample")
 # Keeps the z-scores finite on a row whose logits are all equal (std 0); far below any real
 # variance, so the invariances hold to float32 precision.
 _VAR_EPS = 1e-12
@@ -30,9 +34,14 @@ def _flat(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, to
     return logits.float().flatten(0, -2), targets.flatten()
 
 
-def _reduce(per_token: torch.Tensor, keep: torch.Tensor, reduction: str) -> torch.Tensor:
+def _reduce(per_token: torch.Tensor, keep: torch.Tensor, reduction: str,
+            batch: int = 1) -> torch.Tensor:
     """Per-token losses (already zero where `keep` is False) reduced the way F.cross_entropy does:
-    "mean" divides by the number of kept tokens."""
+    "mean" divides by the number of kept tokens; "sample" does so within each of the `batch`
+    sequences (a sequence with no kept token gets 0)."""
+    if reduction == "sample":
+        kept = keep.view(batch, -1).sum(1).clamp_min(1)
+        return per_token.view(batch, -1).sum(1) / kept
     if reduction == "none":
         return per_token
     if reduction == "sum":
@@ -46,6 +55,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Cross-entropy on float32 logits (the model's negative log-likelihood)."""
     o, t = _flat(logits, targets)
+    if reduction == "sample":
+        per_token = F.cross_entropy(o, t, ignore_index=ignore_index, reduction="none")
+        return _reduce(per_token, t != ignore_index, reduction, targets.shape[0])
     return F.cross_entropy(o, t, ignore_index=ignore_index, reduction=reduction)
 
 
@@ -64,7 +76,7 @@ def z_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
     o_target = o.gather(1, torch.where(keep, t, 0).unsqueeze(1)).squeeze(1)
     z_target = (o_target - mean) / torch.sqrt(var + _VAR_EPS)
     per_token = torch.where(keep, F.softplus(a * (b - z_target)) / a, 0.0)
-    return _reduce(per_token, keep, reduction)
+    return _reduce(per_token, keep, reduction, targets.shape[0])
 
 
 def logit_z_reg(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", *,
@@ -74,7 +86,7 @@ def logit_z_reg(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "m
     keep = t != ignore_index
     ce = F.cross_entropy(o, t, ignore_index=ignore_index, reduction="none")
     penalty = torch.where(keep, torch.logsumexp(o, dim=-1).square(), 0.0)
-    return _reduce(ce + coef * penalty, keep, reduction)
+    return _reduce(ce + coef * penalty, keep, reduction, targets.shape[0])
 
 
 LossFn = Callable[..., torch.Tensor]
@@ -98,31 +110,55 @@ class TrainingLoss:
     When it is not cross-entropy it also keeps the plain cross-entropy of the last `grad_accum`
     calls (one update step's micro-batches), so each step can log `ce` beside `loss` and runs with
     different objectives stay comparable.
+
+    With a `reweighter` the "mean" objective is the weighted sum of the per-sample losses (weights
+    from the loss values, `reweight.py`) at update step `self.step`, which the loop sets; `ce` is
+    then the plain token-mean cross-entropy.
     """
 
-    def __init__(self, name: str, grad_accum: int = 1, **options: Any) -> None:
+    def __init__(self, name: str, grad_accum: int = 1,
+                 reweighter: SampleReweighter | None = None, **options: Any) -> None:
         if name not in LOSSES:
             raise ValueError(f"unknown loss '{name}'; use one of {', '.join(LOSSES)}")
         self.name = name
         self.options = options
+        self.reweighter = reweighter
+        self.step = 0
         self._fn = LOSSES[name]
         self._ce: deque[float] = deque(maxlen=grad_accum)
 
+    @property
+    def _logs_ce(self) -> bool:
+        return self.name != "cross_entropy" or self.reweighter is not None
+
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor,
                  reduction: str = "mean") -> torch.Tensor:
-        loss = self._fn(logits, targets, reduction, **self.options)
-        if self.name != "cross_entropy":
+        if self.reweighter is not None and reduction == "mean":
+            per_sample = self._fn(logits, targets, "sample", **self.options)
+            loss = self.reweighter(per_sample, self.step)
+        else:
+            loss = self._fn(logits, targets, reduction, **self.options)
+        if self._logs_ce:
             with torch.no_grad():
                 self._ce.append(cross_entropy(logits.detach(), targets).item())
         return loss
 
     def step_metrics(self, mean: Callable[[float], float] = lambda v: v) -> dict[str, float]:
-        """{"ce": mean cross-entropy of the step's micro-batches} ({} for cross-entropy itself);
-        `mean` averages over ranks (World.mean)."""
-        if self.name == "cross_entropy":
-            return {}
-        return {"ce": mean(sum(self._ce) / max(1, len(self._ce)))}
+        """{"ce": mean cross-entropy of the step's micro-batches} ({} for unweighted
+        cross-entropy itself) and the reweighting statistics; `mean` averages over ranks
+        (World.mean)."""
+        out = {"ce": mean(sum(self._ce) / max(1, len(self._ce)))} if self._logs_ce else {}
+        if self.reweighter is not None:
+            out.update(self.reweighter.step_metrics())
+        return out
 
 
-def build_loss(cfg: RunConfig) -> TrainingLoss:
-    return TrainingLoss(cfg.loss.name, cfg.train.grad_accum, **loss_options(cfg))
+def build_loss(cfg: RunConfig, world: World | None = None) -> TrainingLoss:
+    lc = cfg.loss
+    reweighter = None
+    if lc.reweight != "none":
+        from sltrain.train.reweight import SampleReweighter
+
+        reweighter = SampleReweighter(lc.reweight, lc.reweight_temperature, lc.reweight_delta,
+                                      lc.reweight_warmup_steps, world)
+    return TrainingLoss(lc.name, cfg.train.grad_accum, reweighter, **loss_options(cfg))
