@@ -406,6 +406,25 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soup(args: argparse.Namespace) -> int:
+    from sltrain.soup import make_soup
+
+    overrides = {**_overrides(args), "train.device": args.device}
+    r = make_soup([Path(p) for p in args.ingredients], Path(args.out), args.recipe, overrides,
+                  args.max_batches)
+    e = r["eval"]
+    print(f"{r['recipe']} soup of {len(r['ingredients'])} checkpoints, merged to dense; val "
+          f"perplexity on {e['blocks']} blocks of {e['seq_len']} tokens of {e['data']}:")
+    width = max(len(i["path"]) for i in r["ingredients"])
+    for i in r["ingredients"]:
+        mark = "kept" if i["kept"] else "left out"
+        print(f"  {i['path']:<{width}}  {i['method']:<8} ppl {i['val_ppl']:>9.3f}  {mark}")
+    print(f"  {'soup':<{width}}  {'full':<8} ppl {r['soup']['val_ppl']:>9.3f}")
+    print(f"written {args.out}: a dense run folder with soup.json; evaluate with: "
+          f"sltrain eval {args.out}")
+    return 0
+
+
 def _dtype_name(dtype: object) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -541,6 +560,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="OUT.png", help="write loss vs tokens with the fitted curves")
     p.add_argument("--json", metavar="OUT.json", help="write the fit, residuals and prediction")
     p.set_defaults(func=cmd_scaling)
+
+    p = sub.add_parser("soup", help="average the weights of checkpoints into one dense model",
+                       description="Model soups (Wortsman et al. 2022): fold every checkpoint to "
+                       "dense weights and average them, all (uniform) or, best first, each one that "
+                       "does not raise the soup's validation loss (greedy). The checkpoints need "
+                       "one architecture and tokenizer; the soup is a dense run folder that "
+                       "`sltrain eval` and `sltrain export` read.")
+    p.add_argument("ingredients", nargs="+", metavar="CKPT_OR_RUN",
+                   help="run folders (newest checkpoint) or checkpoint folders")
+    p.add_argument("--out", required=True, help="the soup's run folder (new or empty)")
+    p.add_argument("--recipe", choices=["uniform", "greedy"], default="uniform",
+                   help="uniform: mean of all (default); greedy: best first, keep what helps")
+    p.add_argument("--data", dest="data.source", default=argparse.SUPPRESS, metavar="SOURCE",
+                   help="validation data (default: the first checkpoint's)")
+    p.add_argument("--seq-len", dest="data.seq_len", type=int, default=argparse.SUPPRESS,
+                   metavar="N", help="block length (default and maximum: the model's context)")
+    p.add_argument("--batch-size", dest="train.batch_size", type=int, default=argparse.SUPPRESS,
+                   metavar="B", help="blocks per batch (default: the first checkpoint's run's)")
+    p.add_argument("--max-batches", type=int, metavar="K", help="only the first K batches of the "
+                   "val split (default: all)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+    p.set_defaults(func=cmd_soup)
     return parser
 
 
