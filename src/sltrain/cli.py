@@ -419,6 +419,9 @@ def cmd_soup(args: argparse.Namespace) -> int:
     for i in r["ingredients"]:
         mark = "kept" if i["kept"] else "left out"
         print(f"  {i['path']:<{width}}  {i['method']:<8} ppl {i['val_ppl']:>9.3f}  {mark}")
+    for t in r["greedy_trials"]:
+        print(f"  greedy: adding {r['ingredients'][t['added']]['path']} gives ppl "
+              f"{t['val_ppl']:.3f}: {'kept' if t['kept'] else 'worse, left out'}")
     print(f"  {'soup':<{width}}  {'full':<8} ppl {r['soup']['val_ppl']:>9.3f}")
     print(f"written {args.out}: a dense run folder with soup.json; evaluate with: "
           f"sltrain eval {args.out}")

@@ -151,6 +151,7 @@ def make_soup(paths: list[Path], out: Path, recipe: str = "uniform",
     evaluator = Evaluator(ingredients[0], dict(overrides or {}), max_batches)
     scores = [evaluator(i.weights) for i in ingredients]
 
+    trials = []  # greedy: each candidate soup's loss, kept or not
     if recipe == "uniform":
         kept = list(range(len(ingredients)))
         weights = average([i.weights for i in ingredients])
@@ -162,7 +163,10 @@ def make_soup(paths: list[Path], out: Path, recipe: str = "uniform",
         for i in order[1:]:
             candidate = average([ingredients[j].weights for j in [*kept, i]])
             trial = evaluator(candidate)
-            if trial["val_loss"] <= result["val_loss"]:
+            better = trial["val_loss"] <= result["val_loss"]
+            trials.append({"added": i, "val_loss": trial["val_loss"], "val_ppl": trial["val_ppl"],
+                           "kept": better})
+            if better:
                 kept, weights, result = [*kept, i], candidate, trial
 
     first = ingredients[0]
@@ -185,6 +189,7 @@ def make_soup(paths: list[Path], out: Path, recipe: str = "uniform",
                          "val_loss": s["val_loss"], "val_ppl": s["val_ppl"], "kept": n in kept}
                         for n, (i, s) in enumerate(zip(ingredients, scores, strict=True))],
         "kept": kept,
+        "greedy_trials": trials,
         "soup": {"val_loss": result["val_loss"], "val_ppl": result["val_ppl"]},
     }
     (out / SOUP_FILE).write_text(json.dumps(record, indent=2))
