@@ -368,10 +368,10 @@ def cmd_scaling(args: argparse.Namespace) -> int:
         except ValueError:
             raise UserError(f"--predict {args.predict} is not N,D; pass e.g. --predict 1e8,2e9") from None
     runs, notes = scaling.read_runs([Path(r) for r in args.runs], args.params)
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
     N, D, L = (np.array([r[k] for r in runs]) for k in "NDL")
     fit = scaling.fit(N, D, L)
+    for note in notes:  # after the fit, so that a refusal stays one line
+        print(f"note: {note}", file=sys.stderr)
     if args.bootstrap:
         fit.intervals = scaling.bootstrap(N, D, L, args.bootstrap, full=fit)
     print(f"L(N, D) = E + A / N^alpha + B / D^beta, fitted to {len(runs)} runs "
