@@ -394,6 +394,79 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scaling(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from sltrain.measure import scaling
+
+    at = None
+    if args.predict:
+        try:
+            at = tuple(float(v) for v in args.predict.split(","))
+            n, d = at
+        except ValueError:
+            raise UserError(f"--predict {args.predict} is not N,D; pass e.g. --predict 1e8,2e9") from None
+    runs, notes = scaling.read_runs([Path(r) for r in args.runs], args.params)
+    N, D, L = (np.array([r[k] for r in runs]) for k in "NDL")
+    fit = scaling.fit(N, D, L)
+    for note in notes:  # after the fit, so that a refusal stays one line
+        print(f"note: {note}", file=sys.stderr)
+    if args.bootstrap:
+        fit.intervals = scaling.bootstrap(N, D, L, args.bootstrap, full=fit)
+    print(f"L(N, D) = E + A / N^alpha + B / D^beta, fitted to {len(runs)} runs "
+          f"(N = params_{args.params}, D = tokens_seen, L = val_loss; Huber loss "
+          f"{fit.objective:.3g})")
+    for name, value in fit.coefficients.items():
+        lo_hi = fit.intervals.get(name)
+        ci = f"  [{lo_hi[0]:.4g}, {lo_hi[1]:.4g}] (95%, {args.bootstrap} bootstrap fits)" if lo_hi else ""
+        print(f"  {name:<5} {value:>12.4g}{ci}")
+    pred = scaling.predict(fit, N, D)
+    residuals = [{**r, "predicted": float(p), "residual": float(np.log(r["L"] / p))}
+                 for r, p in zip(runs, pred, strict=True)]
+    print(f"  {'N':>10} {'D':>12} {'observed':>9} {'fitted':>9} {'log ratio':>10}  run")
+    for r in residuals:
+        print(f"  {r['N']:>10.4g} {r['D']:>12.4g} {r['L']:>9.4f} {r['predicted']:>9.4f} "
+              f"{r['residual']:>+10.4f}  {r['run']}")
+    report: dict[str, Any] = {"law": "E + A/N^alpha + B/D^beta", "params": args.params,
+                              "fit": fit.to_dict(), "runs": residuals, "notes": notes}
+    if at:
+        n, d = at
+        loss = float(scaling.predict(fit, n, d))
+        report["prediction"] = {"N": n, "D": d, "loss": loss, "ppl": float(np.exp(loss))}
+        print(f"prediction at N = {n:.4g}, D = {d:.4g}: loss {loss:.4f} (perplexity "
+              f"{np.exp(loss):.2f})")
+    if args.plot:
+        print(f"plot written to {scaling.plot(fit, N, D, L, Path(args.plot))}")
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        print(f"fit written to {out}")
+    return 0
+
+
+def cmd_soup(args: argparse.Namespace) -> int:
+    from sltrain.soup import make_soup
+
+    overrides = {**_overrides(args), "train.device": args.device}
+    r = make_soup([Path(p) for p in args.ingredients], Path(args.out), args.recipe, overrides,
+                  args.max_batches)
+    e = r["eval"]
+    print(f"{r['recipe']} soup of {len(r['ingredients'])} checkpoints, merged to dense; val "
+          f"perplexity on {e['blocks']} blocks of {e['seq_len']} tokens of {e['data']}:")
+    width = max(len(i["path"]) for i in r["ingredients"])
+    for i in r["ingredients"]:
+        mark = "kept" if i["kept"] else "left out"
+        print(f"  {i['path']:<{width}}  {i['method']:<8} ppl {i['val_ppl']:>9.3f}  {mark}")
+    for t in r["greedy_trials"]:
+        print(f"  greedy: adding {r['ingredients'][t['added']]['path']} gives ppl "
+              f"{t['val_ppl']:.3f}: {'kept' if t['kept'] else 'worse, left out'}")
+    print(f"  {'soup':<{width}}  {'full':<8} ppl {r['soup']['val_ppl']:>9.3f}")
+    print(f"written {args.out}: a dense run folder with soup.json; evaluate with: "
+          f"sltrain eval {args.out}")
+    return 0
+
+
 def _dtype_name(dtype: object) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -561,6 +634,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print", action="store_true", help="also print every step as TSV")
     _add_config_flags(p, sections=("schedule",))
     p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("scaling", help="fit the scaling law L(N, D) = E + A/N^alpha + B/D^beta to runs",
+                       description="Fit Chinchilla's parametric law (Hoffmann et al. 2022, Approach "
+                       "3) to the val_loss, tokens_seen and parameter count of finished runs "
+                       "(their summary.json): Huber loss on log L, L-BFGS from a grid of starts, "
+                       "bootstrap intervals. Needs at least 5 runs, several N and D.")
+    p.add_argument("action", choices=["fit"], help="fit: fit the law and report it")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding summary.json")
+    p.add_argument("--params", choices=["avg", "final"], default="avg",
+                   help="N is summary's params_avg (default) or params_final; runs without them "
+                   "use params.trainable")
+    p.add_argument("--predict", metavar="N,D", help="also print the fitted loss at N params, D tokens")
+    p.add_argument("--bootstrap", type=int, default=200, metavar="K",
+                   help="bootstrap refits for 95%% intervals (default 200; 0: none)")
+    p.add_argument("--plot", metavar="OUT.png", help="write loss vs tokens with the fitted curves")
+    p.add_argument("--json", metavar="OUT.json", help="write the fit, residuals and prediction")
+    p.set_defaults(func=cmd_scaling)
+
+    p = sub.add_parser("soup", help="average the weights of checkpoints into one dense model",
+                       description="Model soups (Wortsman et al. 2022): fold every checkpoint to "
+                       "dense weights and average them, all (uniform) or, best first, each one that "
+                       "does not raise the soup's validation loss (greedy). The checkpoints need "
+                       "one architecture and tokenizer; the soup is a dense run folder that "
+                       "`sltrain eval` and `sltrain export` read.")
+    p.add_argument("ingredients", nargs="+", metavar="CKPT_OR_RUN",
+                   help="run folders (newest checkpoint) or checkpoint folders")
+    p.add_argument("--out", required=True, help="the soup's run folder (new or empty)")
+    p.add_argument("--recipe", choices=["uniform", "greedy"], default="uniform",
+                   help="uniform: mean of all (default); greedy: best first, keep what helps")
+    p.add_argument("--data", dest="data.source", default=argparse.SUPPRESS, metavar="SOURCE",
+                   help="validation data (default: the first checkpoint's)")
+    p.add_argument("--seq-len", dest="data.seq_len", type=int, default=argparse.SUPPRESS,
+                   metavar="N", help="block length (default and maximum: the model's context)")
+    p.add_argument("--batch-size", dest="train.batch_size", type=int, default=argparse.SUPPRESS,
+                   metavar="B", help="blocks per batch (default: the first checkpoint's run's)")
+    p.add_argument("--max-batches", type=int, metavar="K", help="only the first K batches of the "
+                   "val split (default: all)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+    p.set_defaults(func=cmd_soup)
     return parser
 
 
