@@ -44,7 +44,7 @@ def densify(path: Path, out: Path) -> dict[str, Any]:
     tree["method"]["name"] = "full"
     tree["train"].update(out_dir=str(out), init_from=None)
     record = {"command": "densify", "source": str(ckpt), "from_method": cfg.method.name}
-    written = save_model_run(model, build_config(tree), out, ckpt, record)
+    written = save_model_run(model.state_dict(), build_config(tree), out, ckpt, record)
     return {"source": str(ckpt), "method": cfg.method.name, "checkpoint": str(written),
             "params": sum(p.numel() for p in model.parameters()),
             "step": int(written.name.removeprefix("step_"))}

@@ -86,13 +86,13 @@ def load_run_model(path: Path) -> tuple[nn.Module, RunConfig, Path]:
     return model.eval(), cfg, ckpt
 
 
-def save_model_run(model: nn.Module, cfg: RunConfig, out: Path, source: Path,
+def save_model_run(weights: dict[str, torch.Tensor], cfg: RunConfig, out: Path, source: Path,
                    record: dict[str, Any]) -> Path:
-    """Write `model` (built by `cfg`) as a run folder that holds weights but no training state:
-    config.json, the tokenizer of the checkpoint folder `source` and one model-only checkpoint
-    at its step. `sltrain eval`,
-    `export`, `health` and `train --init-from` read it like a trained run; `record` (what made it)
-    goes to config.json's `derived_from`. Returns the checkpoint folder."""
+    """Write `weights` (the state dict of a model built by `cfg`) as a run folder without a
+    training state: config.json, the tokenizer of the checkpoint folder `source`, and one
+    model-only checkpoint at `source`'s step. `sltrain eval`, `export`, `health` and
+    `train --init-from` read it like a trained run; `record` (what made it: convert, densify,
+    soup) goes to config.json's `derived_from`. Returns the checkpoint folder."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder; pass a new --out")
     tok, eos = run_tokenizer(source.parent.parent)
@@ -104,7 +104,7 @@ def save_model_run(model: nn.Module, cfg: RunConfig, out: Path, source: Path,
                                                 indent=2))
     meta = {"config": cfg.to_dict(), "param_spec": param_spec(cfg).to_dict(), **record}
     state = {"step": step, "tokens_seen": source_state.get("tokens_seen", 0), "model_only": True}
-    return save_checkpoint(out, step, model.state_dict(), state, meta, keep=1)
+    return save_checkpoint(out, step, weights, state, meta, keep=1)
 
 
 def _transformers() -> Any:

@@ -15,7 +15,6 @@ is therefore a dense (`full`) run folder that `sltrain eval` and `sltrain export
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,12 @@ from torch import nn
 
 from sltrain.config import RunConfig, build_config, flatten, load_config
 from sltrain.data import Blocks, prepare, prepare_options
-from sltrain.data.tokenizer import META_FILE, TOKENIZER_FILE, load_tokenizer
 from sltrain.data.tokenizer import fingerprint as tokenizer_fingerprint
+from sltrain.data.tokenizer import load_tokenizer
 from sltrain.errors import UserError
-from sltrain.export import load_run_model
-from sltrain.model import build_model, param_spec
+from sltrain.export import load_run_model, save_model_run
+from sltrain.model import build_model
 from sltrain.parametrize import merge
-from sltrain.train.checkpoint import save_checkpoint
 from sltrain.train.evaluate import evaluate
 from sltrain.train.loop import autocast_for, resolve_device
 
@@ -171,13 +169,7 @@ def make_soup(paths: list[Path], out: Path, recipe: str = "uniform",
 
     first = ingredients[0]
     cfg = soup_config(first.cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    run_dir = first.checkpoint.parent.parent
-    for name in (TOKENIZER_FILE, META_FILE):
-        shutil.copyfile(run_dir / name, out / name)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    meta = {"config": cfg.to_dict(), "param_spec": param_spec(cfg).to_dict()}
-    ckpt = save_checkpoint(out, 0, weights, {"step": 0, "soup": recipe}, meta, keep=1)
+    ckpt = save_model_run(weights, cfg, out, first.checkpoint, {"command": "soup", "recipe": recipe})
     record = {
         "recipe": recipe,
         "checkpoint": str(ckpt),

@@ -109,7 +109,7 @@ def convert_run(path: Path, to: str, out: Path) -> dict[str, Any]:
     new_cfg = build_config(tree)
     record = {"command": "convert", "source": str(ckpt), "from_norm": "pre_ln", "to_norm": to,
               "from_method": cfg.method.name}
-    saved = save_model_run(converted, new_cfg, out, ckpt, record)
+    saved = save_model_run(converted.state_dict(), new_cfg, out, ckpt, record)
     return {"checkpoint": str(saved), "source": str(ckpt), "to": to,
             "params": sum(p.numel() for p in converted.parameters()),
             "source_params": sum(p.numel() for p in model.parameters())}
