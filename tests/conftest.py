@@ -38,3 +38,13 @@ def tiny(small_corpus, tmp_path) -> dict:
         "train.eval_batches": 4, "train.progress": False, "train.out_dir": str(tmp_path / "run"),
         "optimizer.lr": 3e-3,
     }
+
+
+def assert_one_line_error(capsys, code, *needles):
+    """An in-process `sltrain` call exited 2 with one `sltrain: error:` line holding `needles`."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sltrain: error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 
 from sltrain.cli import main
 from sltrain.config import load_config
@@ -16,14 +17,6 @@ transformers = pytest.importorskip("transformers")
 def sltrain(*args):
     return main([str(a) for a in args])
 
-
-def assert_one_line_error(capsys, code, *needles):
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sltrain: error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("method,extra", [("sltrain", {}), ("full", {"model.rope_theta": 500.0})])

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
 
 from sltrain.cli import main
 from sltrain.measure.scaling import ScalingFit, bootstrap, fit, predict
@@ -127,14 +128,6 @@ def test_cli_falls_back_to_trainable_params_and_says_so(tmp_path, capsys):
     assert "their N is params.trainable" in capsys.readouterr().err
     assert {r["N"] for r in json.loads(js.read_text())["runs"]} == {7}
 
-
-def assert_one_line_error(capsys, code, *needles):
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sltrain: error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_cli_refuses_too_few_runs_and_missing_summary(tmp_path, capsys):

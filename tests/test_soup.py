@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 
 from sltrain.cli import main
 from sltrain.config import load_config
@@ -120,14 +121,6 @@ def test_greedy_soup_starts_from_the_best_and_never_gets_worse(runs, tmp_path, c
     assert len(record["greedy_trials"]) == 3  # each ingredient after the best was tried once
     assert [t["added"] for t in record["greedy_trials"] if t["kept"]] == record["kept"][1:]
 
-
-def assert_one_line_error(capsys, code, *needles):
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sltrain: error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_soup_refuses_mismatched_architectures_and_used_folders(runs, tmp_path, capsys):
