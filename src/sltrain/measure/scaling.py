@@ -117,8 +117,10 @@ def fit(N: np.ndarray, D: np.ndarray, L: np.ndarray, delta: float = HUBER_DELTA,
         if best is None or res.fun < best.fun:
             best = res
     e, a, alpha, b, beta = best.x
-    return ScalingFit(E=float(np.exp(e)), A=float(np.exp(a)), alpha=float(alpha),
-                      B=float(np.exp(b)), beta=float(beta), objective=float(best.fun))
+    with np.errstate(over="ignore"):  # a degenerate (bootstrap) fit may run a log-coefficient off
+        E, A, B = np.exp([e, a, b])
+    return ScalingFit(E=float(E), A=float(A), alpha=float(alpha), B=float(B), beta=float(beta),
+                      objective=float(best.fun))
 
 
 def bootstrap(N: np.ndarray, D: np.ndarray, L: np.ndarray, samples: int = 200,
