@@ -26,19 +26,11 @@ from sltrain.parametrize.base import FactoredLinear
 from sltrain.train.checkpoint import find_checkpoint
 
 
-def _load(path: Path, flag: str) -> tuple[nn.Module, Any, Path]:
-    from sltrain.export import load_run_model  # export imports the training loop
-
-    if not path.exists():
-        raise UserError(f"{flag} {path} does not exist; pass a run folder or a checkpoint folder")
-    return load_run_model(path)
-
-
 def densify(path: Path, out: Path) -> dict[str, Any]:
     """Write the model of run/checkpoint `path`, merged to dense, as a method-`full` run in `out`."""
-    from sltrain.export import save_model_run
+    from sltrain.export import load_run_model, save_model_run  # export imports the loop
 
-    model, cfg, ckpt = _load(path, "densify")
+    model, cfg, ckpt = load_run_model(path)
     merge(model)
     tree = cfg.to_dict()
     tree["method"]["name"] = "full"
@@ -59,7 +51,9 @@ def init_tokenizer_dir(path: Path) -> Path:
 def init_weights_from(model: nn.Module, path: Path) -> Path:
     """Copy the weights of run/checkpoint `path` into `model` (of the same shape); a dense
     `model` takes them merged. Returns the checkpoint read."""
-    source, source_cfg, ckpt = _load(path, "--init-from")
+    from sltrain.export import load_run_model
+
+    source, source_cfg, ckpt = load_run_model(path)
     if not any(isinstance(m, FactoredLinear) for m in model.modules()):
         merge(source)
     try:

@@ -103,11 +103,7 @@ def _load(paths: Sequence[Path]) -> list[tuple[nn.Module, RunConfig, Path]]:
 
     if not paths:
         raise UserError("no run to score with; pass one or more run or checkpoint folders")
-    loaded = []
-    for path in paths:
-        if not path.exists():
-            raise UserError(f"{path} does not exist; pass a run folder or a checkpoint folder")
-        loaded.append(load_run_model(path))
+    loaded = [load_run_model(path) for path in paths]
     _, first, ckpt0 = loaded[0]
     tok0 = bpe.fingerprint(*bpe.load_tokenizer(ckpt0.parent.parent))
     for _, cfg, ckpt in loaded[1:]:

@@ -69,6 +69,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def find_checkpoint(path: Path) -> Path:
     """`path` itself if it is a checkpoint folder, else the newest checkpoint of a run folder."""
+    if not path.exists():
+        raise UserError(f"no checkpoint in {path}: it does not exist; pass a run folder or a "
+                        "checkpoint folder")
     if (path / MODEL_FILE).is_file():
         return path
     found = list_checkpoints(path)
