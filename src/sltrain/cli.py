@@ -471,6 +471,18 @@ def _dtype_name(dtype: object) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _add_eval_flags(p: argparse.ArgumentParser, batch_default: str) -> None:
+    """The blocks a command evaluates on (`sltrain eval`, `sltrain soup`): export.eval_set's."""
+    p.add_argument("--seq-len", dest="data.seq_len", type=int, default=argparse.SUPPRESS,
+                   metavar="N", help="block length (default and maximum: the model's context)")
+    p.add_argument("--batch-size", dest="train.batch_size", type=int, default=argparse.SUPPRESS,
+                   metavar="B", help=f"blocks per batch (default: {batch_default})")
+    p.add_argument("--max-batches", type=int, metavar="K", help="only the first K batches of B blocks "
+                   "(default: all); the run's B and K = its eval_batches give the blocks of its "
+                   "val_ppl")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sltrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -595,17 +607,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", dest="data.val_fraction", type=float,
                    default=argparse.SUPPRESS, metavar="X", help="the held-out tail of each document "
                    "(default: the run's, or 0.05; keep the run's to evaluate on its val split)")
-    p.add_argument("--seq-len", dest="data.seq_len", type=int, default=argparse.SUPPRESS,
-                   metavar="N", help="block length (default and maximum: the model's context)")
-    p.add_argument("--batch-size", dest="train.batch_size", type=int, default=argparse.SUPPRESS,
-                   metavar="B", help="blocks per batch (default: the run's, or 16)")
-    p.add_argument("--max-batches", type=int, metavar="K", help="only the first K batches of B blocks "
-                   "(default: all); the run's B and K = its eval_batches give the blocks of its "
-                   "val_ppl")
+    _add_eval_flags(p, batch_default="the run's, or 16")
     p.add_argument("--split", choices=["val", "train", "all"], default="val",
                    help="val: the held-out tail of each document (default); train: the rest; all: "
                    "every block of the source (train then val)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("health", help="activation kurtosis, weight spectra (PNG) and output "
@@ -665,13 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform: mean of all (default); greedy: best first, keep what helps")
     p.add_argument("--data", dest="data.source", default=argparse.SUPPRESS, metavar="SOURCE",
                    help="validation data (default: the first checkpoint's)")
-    p.add_argument("--seq-len", dest="data.seq_len", type=int, default=argparse.SUPPRESS,
-                   metavar="N", help="block length (default and maximum: the model's context)")
-    p.add_argument("--batch-size", dest="train.batch_size", type=int, default=argparse.SUPPRESS,
-                   metavar="B", help="blocks per batch (default: the first checkpoint's run's)")
-    p.add_argument("--max-batches", type=int, metavar="K", help="only the first K batches of the "
-                   "val split (default: all)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+    _add_eval_flags(p, batch_default="the first checkpoint's run's")
     p.set_defaults(func=cmd_soup)
     return parser
 

@@ -22,16 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sltrain.config import RunConfig, build_config, flatten, load_config
-from sltrain.data import Blocks, prepare, prepare_options
+from sltrain.config import RunConfig, build_config
 from sltrain.data.tokenizer import fingerprint as tokenizer_fingerprint
 from sltrain.data.tokenizer import load_tokenizer
 from sltrain.errors import UserError
-from sltrain.export import load_run_model, save_model_run
+from sltrain.export import check_max_batches, eval_set, load_run_model, run_eval_config, save_model_run
 from sltrain.model import build_model
 from sltrain.parametrize import merge
-from sltrain.train.evaluate import evaluate
-from sltrain.train.loop import autocast_for, resolve_device
 
 RECIPES = ("uniform", "greedy")
 SOUP_FILE = "soup.json"
@@ -108,29 +105,13 @@ class Evaluator:
 
     def __init__(self, first: Ingredient, overrides: dict[str, Any], max_batches: int | None):
         run_cfg = first.cfg
-        self.cfg = load_config(None, {**flatten(run_cfg.to_dict()), "train.device": "auto",
-                                      **overrides})
-        context = run_cfg.data.seq_len
-        if self.cfg.data.seq_len > context:
-            raise UserError(f"--seq-len {self.cfg.data.seq_len} exceeds the model's {context} "
-                            f"positions; pass --seq-len {context} or less")
-        if max_batches is not None and max_batches < 1:
-            raise UserError(f"--max-batches {max_batches} must be at least 1; omit it for all blocks")
-        self.device = resolve_device(self.cfg.train.device)
-        data = prepare(self.cfg.data, run_cfg.model_dims()["vocab_size"],
-                       first.checkpoint.parent.parent, **prepare_options(self.cfg))
-        self.blocks = Blocks(data.val, self.cfg.data.seq_len)
-        if len(self.blocks) == 0:
-            raise UserError(f"the val split is shorter than one block of {self.cfg.data.seq_len + 1} "
-                            "tokens; lower --seq-len")
-        bs = self.cfg.train.batch_size
-        self.batches = -(-len(self.blocks) // bs) if max_batches is None else max_batches
-        self.arch = first.cfg
+        self.set = eval_set(run_eval_config(run_cfg, overrides), run_cfg.model_dims()["vocab_size"],
+                            run_cfg.data.seq_len, first.checkpoint.parent.parent, "val",
+                            max_batches, split_flag=False)
+        self.arch = run_cfg
 
     def __call__(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
-        model = dense_model(self.arch, weights).to(self.device)
-        return evaluate(model, self.blocks, self.cfg.train.batch_size, self.batches, self.device,
-                        autocast_for(self.cfg, self.device))
+        return self.set.evaluate(dense_model(self.arch, weights))
 
 
 def make_soup(paths: list[Path], out: Path, recipe: str = "uniform",
@@ -144,6 +125,7 @@ def make_soup(paths: list[Path], out: Path, recipe: str = "uniform",
         raise UserError("a soup needs at least one checkpoint; pass run or checkpoint folders")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder; pass a new --out")
+    check_max_batches(max_batches)
     ingredients = [load_ingredient(p) for p in paths]
     check_compatible(ingredients)
     evaluator = Evaluator(ingredients[0], dict(overrides or {}), max_batches)
@@ -173,8 +155,8 @@ def make_soup(paths: list[Path], out: Path, recipe: str = "uniform",
     record = {
         "recipe": recipe,
         "checkpoint": str(ckpt),
-        "eval": {"data": evaluator.cfg.data.source, "split": "val", "seq_len": evaluator.cfg.data.seq_len,
-                 "blocks": min(len(evaluator.blocks), evaluator.batches * evaluator.cfg.train.batch_size),
+        "eval": {"data": evaluator.set.cfg.data.source, "split": "val",
+                 "seq_len": evaluator.set.cfg.data.seq_len, "blocks": evaluator.set.n_blocks,
                  "tokens": result["val_tokens"]},
         "ingredients": [{"path": str(i.path), "checkpoint": str(i.checkpoint),
                          "method": i.cfg.method.name, "seed": i.cfg.train.seed,
