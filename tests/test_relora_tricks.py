@@ -7,10 +7,10 @@ from sltrain.config import load_config
 from sltrain.errors import UserError
 from sltrain.model import build_model
 from sltrain.optim.tricks import CycleTricks, include_warm_start_params, prune_state_, refactor_, validate
-from sltrain.parametrize import METHODS
 from sltrain.parametrize.lowrank import LowRankLinear
 from sltrain.parametrize.relora import ReLoRALinear
 from sltrain.parametrize.sltrain import SparseLowRankLinear
+from sltrain.registry import METHODS
 
 TINY = {"model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "model.ffn_dim": 128,
         "model.vocab_size": 512, "method.rank": 16, "method.name": "relora", "optimizer.reset_every": 3}
@@ -27,7 +27,7 @@ def relora_layer(dtype=torch.float64) -> ReLoRALinear:
 
 # ---- the layer ------------------------------------------------------------------------------------
 def test_relora_registered_and_init():
-    assert METHODS["relora"] is ReLoRALinear
+    assert METHODS["relora"].obj is ReLoRALinear
     layer = ReLoRALinear.from_linear(nn.Linear(300, 200, bias=False), rank=16, lora_alpha=32)
     assert layer.scaling == 2.0 and torch.all(layer.B == 0)
     assert layer.A.abs().max() <= 1 / 300**0.5

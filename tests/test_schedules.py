@@ -10,8 +10,9 @@ import torch
 
 from sltrain.cli import main
 from sltrain.config import load_config
+from sltrain.registry import SCHEDULES
 from sltrain.train import train
-from sltrain.train.schedule import SCHEDULES, build_scheduler, cosine, schedule_options
+from sltrain.train.schedule import build_scheduler, cosine, schedule_options
 
 OPTIONS = {  # the keyword options of each schedule, as a run would pass them
     "cosine": {}, "wsd": {"decay_ratio": 0.2, "decay_shape": "1-sqrt"},
@@ -48,16 +49,16 @@ def test_cosine_is_unchanged(total, warmup, min_lr):
 ])
 def test_wsd_matches_its_formula(shape, expected):
     for step, want in expected.items():
-        got = SCHEDULES["wsd"](step, 1000, 100, 0.1, decay_ratio=0.2, decay_shape=shape)
+        got = SCHEDULES["wsd"].obj(step, 1000, 100, 0.1, decay_ratio=0.2, decay_shape=shape)
         assert got == pytest.approx(want, abs=1e-12), step
-    assert SCHEDULES["wsd"](0, 1000, 100, 0.1) == pytest.approx(0.01)
+    assert SCHEDULES["wsd"].obj(0, 1000, 100, 0.1) == pytest.approx(0.01)
 
 
 def test_power_matches_its_formula():
     # 1000 tokens per step, peak 1e-3, lr = 0.1 n^-0.5 = 1e-3 * 100 / sqrt(1000 s): capped to 1
     # up to step 10; T=100, decay over the last 20 steps from step 80.
     opts = {**OPTIONS["power"]}
-    f = SCHEDULES["power"]
+    f = SCHEDULES["power"].obj
     assert f(9, 100, 10, 0.1, **opts) == pytest.approx(1.0)  # end of warm-up: P(10) = 1
     assert f(40, 100, 10, 0.1, **opts) == pytest.approx(0.5)
     assert f(50, 100, 10, 0.1, **opts) == pytest.approx(0.4472135955)  # middle
@@ -72,7 +73,7 @@ def test_power_matches_its_formula():
 
 def test_infinite_matches_its_formula():
     # T=1000, W=100, cosine cooldown to 0.5 over 200 steps, constant, exp anneal over the last 100
-    f = lambda s: SCHEDULES["infinite"](s, 1000, 100, 0.1, **OPTIONS["infinite"])  # noqa: E731
+    f = lambda s: SCHEDULES["infinite"].obj(s, 1000, 100, 0.1, **OPTIONS["infinite"])  # noqa: E731
     assert f(99) == pytest.approx(1.0)
     assert f(200) == pytest.approx(0.75)
     assert f(300) == pytest.approx(0.5)
@@ -83,7 +84,7 @@ def test_infinite_matches_its_formula():
 
 
 def test_rewarm_starts_from_its_ratio_and_then_follows_cosine():
-    f = lambda s: SCHEDULES["rewarm"](s, 1000, 100, 0.1, start_lr_ratio=0.3)  # noqa: E731
+    f = lambda s: SCHEDULES["rewarm"].obj(s, 1000, 100, 0.1, start_lr_ratio=0.3)  # noqa: E731
     assert f(0) == pytest.approx(0.3)
     assert f(50) == pytest.approx(0.65)
     assert f(100) == pytest.approx(1.0)
@@ -93,7 +94,7 @@ def test_rewarm_starts_from_its_ratio_and_then_follows_cosine():
 
 def test_cosine_restarts_matches_its_formula():
     # W=10, cycles of 100, 200, 400 ... steps from step 10, down to 0
-    f = lambda s: SCHEDULES["cosine_restarts"](s, 1000, 10, 0.0, cycle_steps=100, cycle_mult=2.0)  # noqa: E731
+    f = lambda s: SCHEDULES["cosine_restarts"].obj(s, 1000, 10, 0.0, cycle_steps=100, cycle_mult=2.0)  # noqa: E731
     assert f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.5)
     assert f(109) == pytest.approx(0.5 * (1 + math.cos(0.99 * math.pi)))
@@ -109,7 +110,7 @@ def test_schedules_are_continuous_except_at_restarts(name):
     opts = {**OPTIONS[name], "cycle_steps": 20_000} if name == "cosine_restarts" else OPTIONS[name]
     if name == "power":
         opts = {**opts, "power_a": 4.0, "power_b": -0.51, "peak_lr": 3e-3, "tokens_per_step": 100}
-    values = [SCHEDULES[name](s, total, warmup, 0.1, **opts) for s in range(total + 1)]
+    values = [SCHEDULES[name].obj(s, total, warmup, 0.1, **opts) for s in range(total + 1)]
     jumps = [s for s in range(1, total + 1) if abs(values[s] - values[s - 1]) > 0.01]
     assert jumps == ([30_000, 70_000] if name == "cosine_restarts" else [])
     assert min(values) > 0 and max(values) <= 1.0
@@ -123,7 +124,7 @@ def test_restart_ramp_works_with_every_schedule(name):
     for _ in range(505):
         opt.step()
         sched.step()
-    plain = SCHEDULES[name](505, 1000, 100, 0.1, **OPTIONS[name])
+    plain = SCHEDULES[name].obj(505, 1000, 100, 0.1, **OPTIONS[name])
     assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * plain * 0.6)
 
 
