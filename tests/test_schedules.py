@@ -184,9 +184,9 @@ def test_power_with_linear_decay_may_reach_zero():
                              "schedule.min_lr_ratio": 0.0})
     assert cfg.schedule.min_lr_ratio == 0.0
     opts = {**OPTIONS["power"], "power_decay": "linear"}  # decays linearly to 0 at the last step
-    start = SCHEDULES["power"](80, 100, 10, 0.0, **opts)
-    assert SCHEDULES["power"](90, 100, 10, 0.0, **opts) == pytest.approx(0.5 * start)
-    assert SCHEDULES["power"](100, 100, 10, 0.0, **opts) == 0.0
+    start = SCHEDULES["power"].obj(80, 100, 10, 0.0, **opts)
+    assert SCHEDULES["power"].obj(90, 100, 10, 0.0, **opts) == pytest.approx(0.5 * start)
+    assert SCHEDULES["power"].obj(100, 100, 10, 0.0, **opts) == 0.0
 
 
 def test_cli_prints_key_steps_and_writes_a_plot(tmp_path, capsys):
