@@ -258,7 +258,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from sltrain.measure.health import health_report
+    from sltrain.measure.health_report import health_report
 
     r = health_report(Path(args.run), Path(args.out) if args.out else None, args.blocks,
                       args.layers)
