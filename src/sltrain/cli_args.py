@@ -67,8 +67,6 @@ def add_eval_flags(p: argparse.ArgumentParser, batch_default: str) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
 
 
-
-
 def _train_parser(sub: Any) -> Parsers:
     p = sub.add_parser("train", help="pretrain a model on a corpus")
     p.add_argument("--config", help=_CONFIG_HELP)
