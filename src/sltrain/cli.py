@@ -442,7 +442,7 @@ def _dtype_name(dtype: object) -> str:
 
 
 def _add_eval_flags(p: argparse.ArgumentParser, batch_default: str) -> None:
-    """The blocks a command evaluates on (`sltrain eval`, `sltrain soup`): export.eval_set's."""
+    """The blocks a command evaluates on (`sltrain eval`, `sltrain soup`): sltrain.evaluate.eval_set's."""
     p.add_argument("--seq-len", dest="data.seq_len", type=int, default=argparse.SUPPRESS,
                    metavar="N", help="block length (default and maximum: the model's context)")
     p.add_argument("--batch-size", dest="train.batch_size", type=int, default=argparse.SUPPRESS,
