@@ -16,8 +16,8 @@ from pathlib import Path
 
 from step_time import HERE, common_args, measure, worker
 
-OPTIMIZERS = ["adamw", "adam8bit", "galore", "galore8bit", "fira", "frugal",
-              "muon", "normuon", "conda", "auon", "auon_hybrid"]
+from sltrain.registry import OPTIMIZERS
+
 PER_LAYER = ["adamw", "adam8bit", "galore8bit"]
 
 

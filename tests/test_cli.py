@@ -109,5 +109,10 @@ def test_example_config_is_the_default_run():
     example = Path(__file__).resolve().parents[1] / "configs" / "sltrain-cpu.toml"
     cfg = load_config(example)
     default = RunConfig()
+    # The file writes out rank, alpha and density, which the default leaves to be derived: the
+    # same values, and every other method setting the default's.
+    written = {"rank": 64, "lora_alpha": 32, "density": 0.03}
+    assert cfg.method.model_dump() == {**default.method.model_dump(), **written}
     assert cfg.to_dict() == {**default.to_dict(), "method": cfg.method.model_dump()}
     assert (cfg.rank, cfg.lora_alpha, cfg.density) == (default.rank, default.lora_alpha, default.density)
+    assert (default.rank, default.lora_alpha, default.density) == tuple(written.values())

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from sltrain.config import load_config
 from sltrain.errors import UserError
 from sltrain.measure.loss import lm_loss
+from sltrain.registry import LOSSES
 from sltrain.train import train
 from sltrain.train.losses import (
     IGNORE_INDEX,
-    LOSSES,
     TrainingLoss,
     build_loss,
     cross_entropy,
@@ -102,7 +102,7 @@ def test_ignored_targets_count_nowhere_and_get_no_gradient(name):
     masked[0, :3] = IGNORE_INDEX
     masked[2, -1] = IGNORE_INDEX
     keep = masked != IGNORE_INDEX
-    fn = LOSSES[name]
+    fn = LOSSES[name].obj
 
     leaf = logits.clone().requires_grad_(True)
     loss = fn(leaf, masked)

@@ -11,8 +11,9 @@ from sltrain.errors import UserError
 from sltrain.measure import count_parameters, estimate_memory, measure_memory
 from sltrain.model import build_model
 from sltrain.optim.tricks import refactor_
-from sltrain.parametrize import METHODS, merge
+from sltrain.parametrize import merge
 from sltrain.parametrize.lost import LOSTLinear, kept_channels
+from sltrain.registry import METHODS
 from sltrain.run.folder import load_run_model
 from sltrain.train import train
 
@@ -29,7 +30,7 @@ def lost(linear, rank=8, density=0.25) -> LOSTLinear:
 
 
 def test_registered():
-    assert METHODS["lost"] is LOSTLinear
+    assert METHODS["lost"].obj is LOSTLinear
     assert kept_channels(56, 0.25) == 14 and kept_channels(56, 0.001) == 1 and kept_channels(56, 1.0) == 56
 
 

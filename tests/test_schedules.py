@@ -1,4 +1,5 @@
-"""Learning-rate schedules: values against their closed forms, continuity, the CLI, a training run."""
+"""Learning-rate schedules: values against hand-computed closed forms and torch's schedulers,
+continuity, the CLI, a training run."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 
 from sltrain.cli import main
 from sltrain.config import load_config
+from sltrain.registry import SCHEDULES
 from sltrain.train import train
-from sltrain.train.schedule import SCHEDULES, build_scheduler, cosine, schedule_options
+from sltrain.train.schedule import build_scheduler, cosine, schedule_options
 
 OPTIONS = {  # the keyword options of each schedule, as a run would pass them
     "cosine": {}, "wsd": {"decay_ratio": 0.2, "decay_shape": "1-sqrt"},
@@ -26,17 +28,39 @@ def test_every_schedule_is_registered_and_tested():
     assert set(SCHEDULES) == set(OPTIONS)
 
 
-def _old_cosine(step, total, warmup, min_lr_ratio):  # the function before this change, verbatim
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+@pytest.mark.parametrize("total,warmup,min_lr,expected", [
+    # T=1000, W=100, r=0.1: the warm-up climbs 1/100 a step; the decay is p = (s-100)/900.
+    (1000, 100, 0.1, {0: 0.01, 49: 0.5, 99: 1.0, 100: 1.0,
+                      325: 0.1 + 0.45 * (1 + 2**-0.5),  # p = 1/4: cos = 1/sqrt(2)
+                      550: 0.55,  # p = 1/2: cos = 0
+                      775: 0.1 + 0.45 * (1 - 2**-0.5),  # p = 3/4
+                      1000: 0.1, 1001: 0.1, 5000: 0.1}),  # past the end it stays at r
+    (10, 0, 0.5, {0: 1.0, 5: 0.75, 10: 0.5}),  # no warm-up: decay from step 0
+    (250, 25, 0.0, {24: 1.0, 25 + 75: 0.75, 25 + 150: 0.25, 250: 0.0}),  # p = 1/3: cos = 1/2
+])
+def test_cosine_matches_hand_computed_values(total, warmup, min_lr, expected):
+    for step, want in expected.items():
+        assert cosine(step, total, warmup, min_lr) == pytest.approx(want, abs=1e-12), step
 
 
-@pytest.mark.parametrize("total,warmup,min_lr", [(1000, 100, 0.1), (250, 25, 0.0), (10, 0, 0.5)])
-def test_cosine_is_unchanged(total, warmup, min_lr):
-    for step in range(total + 2):
-        assert cosine(step, total, warmup, min_lr) == _old_cosine(step, total, warmup, min_lr)
+@pytest.mark.parametrize("total,warmup,min_lr", [(1000, 100, 0.1), (250, 25, 0.0), (10, 0, 0.5),
+                                                  (7, 1, 0.2), (20, 3, 0.1)])
+def test_cosine_equals_torchs_linear_warmup_then_cosine_annealing(total, warmup, min_lr):
+    """torch's own schedulers, composed: LinearLR from 1/W to 1 over the W warm-up updates (so
+    update s < W runs at (s+1)/W), then CosineAnnealingLR from the peak to r * peak over T - W."""
+    peak = 2.0
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    anneal = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warmup, eta_min=min_lr * peak)
+    reference = anneal
+    if warmup:
+        ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, end_factor=1.0,
+                                                 total_iters=max(1, warmup - 1))
+        reference = torch.optim.lr_scheduler.SequentialLR(opt, [ramp, anneal], milestones=[warmup])
+    for step in range(total + 1):  # past T torch's cosine climbs again; ours stays at r
+        assert cosine(step, total, warmup, min_lr) == pytest.approx(
+            opt.param_groups[0]["lr"] / peak, rel=1e-12, abs=1e-14), step
+        opt.step()
+        reference.step()
 
 
 @pytest.mark.parametrize("shape,expected", [
@@ -48,16 +72,16 @@ def test_cosine_is_unchanged(total, warmup, min_lr):
 ])
 def test_wsd_matches_its_formula(shape, expected):
     for step, want in expected.items():
-        got = SCHEDULES["wsd"](step, 1000, 100, 0.1, decay_ratio=0.2, decay_shape=shape)
+        got = SCHEDULES["wsd"].obj(step, 1000, 100, 0.1, decay_ratio=0.2, decay_shape=shape)
         assert got == pytest.approx(want, abs=1e-12), step
-    assert SCHEDULES["wsd"](0, 1000, 100, 0.1) == pytest.approx(0.01)
+    assert SCHEDULES["wsd"].obj(0, 1000, 100, 0.1) == pytest.approx(0.01)
 
 
 def test_power_matches_its_formula():
     # 1000 tokens per step, peak 1e-3, lr = 0.1 n^-0.5 = 1e-3 * 100 / sqrt(1000 s): capped to 1
     # up to step 10; T=100, decay over the last 20 steps from step 80.
     opts = {**OPTIONS["power"]}
-    f = SCHEDULES["power"]
+    f = SCHEDULES["power"].obj
     assert f(9, 100, 10, 0.1, **opts) == pytest.approx(1.0)  # end of warm-up: P(10) = 1
     assert f(40, 100, 10, 0.1, **opts) == pytest.approx(0.5)
     assert f(50, 100, 10, 0.1, **opts) == pytest.approx(0.4472135955)  # middle
@@ -72,7 +96,7 @@ def test_power_matches_its_formula():
 
 def test_infinite_matches_its_formula():
     # T=1000, W=100, cosine cooldown to 0.5 over 200 steps, constant, exp anneal over the last 100
-    f = lambda s: SCHEDULES["infinite"](s, 1000, 100, 0.1, **OPTIONS["infinite"])  # noqa: E731
+    f = lambda s: SCHEDULES["infinite"].obj(s, 1000, 100, 0.1, **OPTIONS["infinite"])  # noqa: E731
     assert f(99) == pytest.approx(1.0)
     assert f(200) == pytest.approx(0.75)
     assert f(300) == pytest.approx(0.5)
@@ -83,7 +107,7 @@ def test_infinite_matches_its_formula():
 
 
 def test_rewarm_starts_from_its_ratio_and_then_follows_cosine():
-    f = lambda s: SCHEDULES["rewarm"](s, 1000, 100, 0.1, start_lr_ratio=0.3)  # noqa: E731
+    f = lambda s: SCHEDULES["rewarm"].obj(s, 1000, 100, 0.1, start_lr_ratio=0.3)  # noqa: E731
     assert f(0) == pytest.approx(0.3)
     assert f(50) == pytest.approx(0.65)
     assert f(100) == pytest.approx(1.0)
@@ -93,7 +117,7 @@ def test_rewarm_starts_from_its_ratio_and_then_follows_cosine():
 
 def test_cosine_restarts_matches_its_formula():
     # W=10, cycles of 100, 200, 400 ... steps from step 10, down to 0
-    f = lambda s: SCHEDULES["cosine_restarts"](s, 1000, 10, 0.0, cycle_steps=100, cycle_mult=2.0)  # noqa: E731
+    f = lambda s: SCHEDULES["cosine_restarts"].obj(s, 1000, 10, 0.0, cycle_steps=100, cycle_mult=2.0)  # noqa: E731
     assert f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.5)
     assert f(109) == pytest.approx(0.5 * (1 + math.cos(0.99 * math.pi)))
@@ -109,7 +133,7 @@ def test_schedules_are_continuous_except_at_restarts(name):
     opts = {**OPTIONS[name], "cycle_steps": 20_000} if name == "cosine_restarts" else OPTIONS[name]
     if name == "power":
         opts = {**opts, "power_a": 4.0, "power_b": -0.51, "peak_lr": 3e-3, "tokens_per_step": 100}
-    values = [SCHEDULES[name](s, total, warmup, 0.1, **opts) for s in range(total + 1)]
+    values = [SCHEDULES[name].obj(s, total, warmup, 0.1, **opts) for s in range(total + 1)]
     jumps = [s for s in range(1, total + 1) if abs(values[s] - values[s - 1]) > 0.01]
     assert jumps == ([30_000, 70_000] if name == "cosine_restarts" else [])
     assert min(values) > 0 and max(values) <= 1.0
@@ -123,7 +147,7 @@ def test_restart_ramp_works_with_every_schedule(name):
     for _ in range(505):
         opt.step()
         sched.step()
-    plain = SCHEDULES[name](505, 1000, 100, 0.1, **OPTIONS[name])
+    plain = SCHEDULES[name].obj(505, 1000, 100, 0.1, **OPTIONS[name])
     assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * plain * 0.6)
 
 
@@ -159,6 +183,10 @@ def test_power_with_linear_decay_may_reach_zero():
     cfg = load_config(None, {"schedule.name": "power", "schedule.power_decay": "linear",
                              "schedule.min_lr_ratio": 0.0})
     assert cfg.schedule.min_lr_ratio == 0.0
+    opts = {**OPTIONS["power"], "power_decay": "linear"}  # decays linearly to 0 at the last step
+    start = SCHEDULES["power"].obj(80, 100, 10, 0.0, **opts)
+    assert SCHEDULES["power"].obj(90, 100, 10, 0.0, **opts) == pytest.approx(0.5 * start)
+    assert SCHEDULES["power"].obj(100, 100, 10, 0.0, **opts) == 0.0
 
 
 def test_cli_prints_key_steps_and_writes_a_plot(tmp_path, capsys):

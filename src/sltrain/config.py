@@ -10,12 +10,14 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from sltrain.errors import UserError
+from sltrain.registry import LOSSES, METHODS, NORMS, OPTIMIZERS, REGISTRIES, SCHEDULES, Registry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -60,7 +62,38 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
-class ModelConfig(_Section):
+class _RegistrySection(_Section):
+    """A section whose `registry.key` field names a registered entry and whose other keys, beyond
+    the fields declared here, are the options the registry's entries declare (sltrain.registry)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True, populate_by_name=True)
+    registry: ClassVar[Registry]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _with_options(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        own = {k for name, f in cls.model_fields.items() for k in (name, f.alias) if k}
+        options = {k: v for k, v in data.items() if k not in own}
+        values = cls.registry.options_model().model_validate(options)
+        return {**{k: v for k, v in data.items() if k in own}, **dict(values)}
+
+    @field_validator("*")
+    @classmethod
+    def _known_entry(cls, v: Any, info: Any) -> Any:
+        if info.field_name == cls.registry.key and v not in cls.registry:
+            raise ValueError(f"unknown {cls.registry.kind} '{v}'; choose one of "
+                             f"{', '.join(cls.registry)}")
+        return v
+
+    def options(self) -> Any:
+        """The options of the chosen entry (an instance of its Options class)."""
+        return self.registry.options_of(getattr(self, self.registry.key), self.model_dump())
+
+
+class ModelConfig(_RegistrySection):
+    registry = NORMS  # `norm` names a registered normalisation; its options join this section
     preset: str = "llama-cpu"
     dim: int | None = Field(None, gt=0)
     ffn_dim: int | None = Field(None, gt=0)
@@ -70,18 +103,8 @@ class ModelConfig(_Section):
     norm_eps: float = Field(1e-6, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
     init_std: float = Field(0.02, gt=0)
-    # Normalisation (see sltrain.model.llama): pre_rmsnorm is LLaMA's.
-    norm: Literal["pre_rmsnorm", "pre_ln", "pre_crmsnorm", "post_ln", "mix_ln",
-                  "layernorm_scaling", "single_scale_rmsnorm"] = "pre_rmsnorm"
-    mix_ln_ratio: float = Field(0.25, ge=0, le=1)  # mix_ln: the first fraction of blocks Post-LN
+    norm: str = "pre_rmsnorm"  # LLaMA's; `sltrain train --help` lists the registered norms
     embed_proj: bool = False  # learnable embedding projection (outlier-safe pretraining)
-
-    @model_validator(mode="after")
-    def _embed_proj_fits(self) -> ModelConfig:
-        if self.embed_proj and self.norm == "pre_crmsnorm":
-            raise UserError("--embed-proj needs a full-width residual stream; it cannot go with "
-                            "--norm pre_crmsnorm (drop one of them)")
-        return self
 
     @field_validator("preset")
     @classmethod
@@ -91,24 +114,10 @@ class ModelConfig(_Section):
         return v
 
 
-class MethodConfig(_Section):
-    name: Literal["full", "lowrank", "sltrain", "relora", "sparse", "lost"] = "sltrain"
-    rank: int | None = Field(None, gt=0)
-    lora_alpha: float | None = Field(None, gt=0)
-    density: float | None = Field(None, gt=0, le=1, alias="sp_ratio")
+class MethodConfig(_RegistrySection):
+    registry = METHODS  # the parameterisation; rank, density, ... are its registered options
+    name: str = "sltrain"
     targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
-    # ReLoRA: train the dense weights for this many update steps before the factors take over.
-    warm_start_steps: int = Field(0, ge=0)
-    # sparse: the fixed support is drawn at random (seeded per layer) or keeps the largest |w|
-    # of the dense initialisation; `density` is the fraction kept.
-    mask: Literal["random", "magnitude"] = "random"
-
-    @model_validator(mode="after")
-    def _mask_for_sparse(self) -> MethodConfig:
-        if self.mask != "random" and self.name != "sparse":
-            raise UserError(f"--mask {self.mask} chooses the support of method sparse, not "
-                            f"{self.name}; pass --method sparse or drop --mask")
-        return self
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -134,32 +143,15 @@ class DataConfig(_Section):
     val_split: str = "validation"
 
 
-OPTIMIZER_NAMES = Literal[
-    "adamw", "adam8bit", "galore", "galore8bit", "fira", "frugal",
-    "muon", "normuon", "conda", "auon", "auon_hybrid",
-]
-
-
-class OptimizerConfig(_Section):
-    name: OPTIMIZER_NAMES = "adamw"
+class OptimizerConfig(_RegistrySection):
+    registry = OPTIMIZERS  # projection ranks, momentum, ... are the optimizers' registered options
+    name: str = "adamw"
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0)
-    # Subspace optimizers (galore, fira, frugal, conda): the projection rank defaults to the run's
-    # `rank`; the projector is refreshed every `update_proj_gap` update steps.
-    proj_rank: int | None = Field(None, gt=0)
-    update_proj_gap: int = Field(200, gt=0)
-    galore_scale: float = Field(0.25, gt=0)
-    projector: Literal["svd", "dct"] = "svd"
-    # FRUGAL's state-free optimizer for the part of the gradient outside the subspace.
-    state_free: Literal["signsgd", "sgd"] = "signsgd"
-    state_free_lr_scale: float = Field(1.0, ge=0)
-    # Muon family (orthogonalised momentum on 2-D matrices, AdamW for the rest).
-    momentum: float = Field(0.95, ge=0, lt=1)
-    ns_steps: int = Field(5, gt=0)
     # Step each parameter as soon as its gradient is complete (post-accumulate-grad hooks).
     per_layer_updates: bool = False
     # Update tricks for factored layers, every `reset_every` update steps (0 = never).
@@ -169,30 +161,15 @@ class OptimizerConfig(_Section):
     state_prune: float = Field(0.999, ge=0, le=1)
 
 
-class ScheduleConfig(_Section):
-    # Formulas in sltrain/train/schedule.py; `sltrain schedule --plot` draws them.
-    name: Literal["cosine", "wsd", "power", "infinite", "rewarm", "cosine_restarts"] = "cosine"
+class ScheduleConfig(_RegistrySection):
+    registry = SCHEDULES  # formulas and their options in sltrain/train/schedule.py
+    name: str = "cosine"
     warmup_steps: int | None = Field(None, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     # After each reset of the optimizer state (`optimizer.reset_every`, ReLoRA cycles) the rate
     # ramps up again from zero over this many update steps (the jagged cosine).
     restart_warmup: int = Field(0, ge=0)
-    # wsd, power, infinite: the final decay (annealing) phase is the last `decay_ratio` of the run.
-    decay_ratio: float = Field(0.2, ge=0, le=1)
-    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt"  # wsd
-    # power: lr = min(peak, power_a * tokens_seen ** power_b), then `power_decay` at the end.
-    power_a: float = Field(4.0, gt=0)
-    power_b: float = Field(-0.51, lt=0)
-    power_decay: Literal["exp", "linear"] = "exp"
-    # infinite: cosine cooldown from the peak to const_lr_ratio over cooldown_ratio of the run.
-    cooldown_ratio: float = Field(0.2, ge=0, le=1)
-    const_lr_ratio: float = Field(0.5, gt=0, le=1)
-    # rewarm: the first update of the continued run runs at start_lr_ratio of the peak.
-    start_lr_ratio: float = Field(0.1, ge=0, le=1)
-    # cosine_restarts: first cycle length (0 = the whole run after warm-up), growth per cycle.
-    cycle_steps: int = Field(0, ge=0)
-    cycle_mult: float = Field(1.0, ge=1)
 
 
 class TrainConfig(_Section):
@@ -231,15 +208,9 @@ class TrainConfig(_Section):
         return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
 
 
-class LossConfig(_Section):
-    # The training objective; validation always reports the cross-entropy (perplexity).
-    name: Literal["cross_entropy", "z_loss", "logit_z_reg"] = "cross_entropy"
-    # Z-loss (1/a) softplus(a (b - z_target)) on standardised logits: a > 0 sets how sharply it
-    # saturates, b how many standard deviations above the row mean the target is pushed.
-    z_loss_a: float = Field(0.1, gt=0, allow_inf_nan=False)
-    z_loss_b: float = Field(10.0, allow_inf_nan=False)
-    # logit_z_reg: cross-entropy + coef * logsumexp(logits)^2 (the log-partition penalty).
-    logit_z_coef: float = Field(1e-4, gt=0, allow_inf_nan=False)
+class LossConfig(_RegistrySection):
+    registry = LOSSES  # the training objective; validation always reports the cross-entropy
+    name: str = "cross_entropy"
     # Dynamic loss-based sample reweighting (sltrain/train/reweight.py): each block's loss is
     # weighted by softmax(f(normalised loss) / temperature) over the (global) batch; uniform
     # weights during the first `reweight_warmup_steps` update steps.
@@ -278,24 +249,24 @@ class RunConfig(_Section):
     prune: PruneConfig = Field(default_factory=PruneConfig)
 
     @model_validator(mode="after")
-    def _schedule_fits(self) -> RunConfig:
-        """The schedule's phases fit in the run (a UserError propagates through pydantic)."""
-        s, total = self.schedule, self.train.steps
-        warm, decay = self.warmup_steps, round(s.decay_ratio * total)
-        phases = {"wsd": decay, "power": decay,
-                  "infinite": decay + round(s.cooldown_ratio * total)}.get(s.name, 0)
-        if warm + phases > total:
-            raise UserError(
-                f"schedule {s.name}: warm-up ({warm}) plus its decay phases ({phases}) exceed the "
-                f"{total} steps; lower --warmup-steps/--warmup-ratio, --decay-ratio or "
-                "--cooldown-ratio")
-        exp_decay = s.name == "infinite" or (s.name == "power" and s.power_decay == "exp")
-        if exp_decay and s.min_lr_ratio == 0:
-            raise UserError(f"schedule {s.name} decays exponentially and cannot reach zero; "
-                            "set --min-lr-ratio above 0")
-        if s.name == "infinite" and s.min_lr_ratio > s.const_lr_ratio:
-            raise UserError(f"schedule infinite anneals from --const-lr-ratio {s.const_lr_ratio} "
-                            f"down to --min-lr-ratio {s.min_lr_ratio}; set min <= const")
+    def _entries_accept(self) -> RunConfig:
+        """Each chosen entry accepts the run (its `validate` hook), and no option that belongs to
+        one entry alone (`exclusive`) is set while another is chosen (a UserError propagates)."""
+        for registry in REGISTRIES:
+            section = getattr(self, registry.section)
+            chosen = registry[getattr(section, registry.key)]
+            for entry in registry.entries():
+                for name, f in entry.options.model_fields.items():
+                    value = getattr(section, name)
+                    if (entry is not chosen and _exclusive(f) and value != f.default
+                            and name not in chosen.options.model_fields):
+                        flag, key = flag_for(f"{registry.section}.{name}"), flag_for(
+                            f"{registry.section}.{registry.key}")
+                        raise UserError(f"{flag} {value} is an option of {registry.kind} "
+                                        f"{entry.name}, not {chosen.name}; pass {key} "
+                                        f"{entry.name} or drop {flag}")
+            if chosen.validate is not None:
+                chosen.validate(self)
         return self
 
     # ---- derived values -------------------------------------------------------------------
@@ -314,6 +285,12 @@ class RunConfig(_Section):
     @property
     def density(self) -> float:
         return self.method.density if self.method.density is not None else self.preset.density
+
+    def method_options(self) -> dict[str, Any]:
+        """The chosen parameterisation's options, an unset one (None) taken from the preset."""
+        options = dict(self.method.options())
+        return {k: getattr(self.preset, k) if v is None and hasattr(self.preset, k) else v
+                for k, v in options.items()}
 
     @property
     def warmup_steps(self) -> int:
@@ -346,21 +323,37 @@ class RunConfig(_Section):
         return self.model_dump(mode="json", by_alias=False)
 
 
+def _exclusive(f: Any) -> bool:
+    extra = f.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("exclusive"))
+
+
 # ---- flags ------------------------------------------------------------------------------------
 # Each field gets `--section.field`; field names are unique across sections, so each also gets a
 # bare `--field`. The "what is it" field of a section is spelled as the section (`--method`).
 _SECTION_KEY = {"name", "preset", "source"}
-_EXTRA_ALIASES = {"method.density": ["sp_ratio"], "model.preset": ["preset"]}
+_EXTRA_ALIASES = {"model.preset": ["preset"]}
+
+
+def section_fields(section: str) -> dict[str, FieldInfo]:
+    """The keys of config section `section`: its own fields, then its registry's options."""
+    cls = RunConfig.model_fields[section].annotation
+    fields = dict(cls.model_fields)  # type: ignore[union-attr]
+    registry = getattr(cls, "registry", None)
+    if registry is not None:
+        fields.update({k: f for k, f in registry.option_fields().items() if k not in fields})
+    return fields
 
 
 def flag_table() -> dict[str, str]:
     """Map every accepted flag spelling (without dashes) to its dotted config key."""
     table: dict[str, str] = {}
-    for section, info in RunConfig.model_fields.items():
-        for field in info.annotation.model_fields:  # type: ignore[union-attr]
+    for section in RunConfig.model_fields:
+        for field, info in section_fields(section).items():
             key = f"{section}.{field}"
             bare = section if field in _SECTION_KEY else field
-            for name in [key, bare, *_EXTRA_ALIASES.get(key, [])]:
+            for name in [key, bare, *([info.alias] if info.alias else []),
+                         *_EXTRA_ALIASES.get(key, [])]:
                 table[name] = key
                 table[name.replace("_", "-")] = key
     return table

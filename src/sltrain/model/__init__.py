@@ -13,15 +13,8 @@ __all__ = ["Llama", "LlamaConfig", "build_model", "param_spec"]
 
 
 def param_spec(cfg: RunConfig) -> ParamSpec:
-    return ParamSpec(
-        method=cfg.method.name,
-        rank=cfg.rank,
-        lora_alpha=cfg.lora_alpha,
-        density=cfg.density,
-        targets=list(cfg.method.targets),
-        seed=cfg.train.seed,
-        mask=cfg.method.mask,
-    )
+    return ParamSpec(method=cfg.method.name, options=cfg.method_options(),
+                     targets=list(cfg.method.targets), seed=cfg.train.seed)
 
 
 def build_model(cfg: RunConfig, device: str | torch.device = "cpu") -> nn.Module:

@@ -19,11 +19,17 @@ untied embeddings and module names that match Hugging Face's `LlamaForCausalLM`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
+
+from sltrain.errors import UserError
+from sltrain.registry import NORMS, Options
 
 
 @dataclass
@@ -41,17 +47,20 @@ class LlamaConfig:
     embed_proj: bool = False
 
     @property
+    def form(self) -> NormForm:
+        return NORMS[self.norm].obj
+
+    @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
     @property
     def resid_dim(self) -> int:
         """Width of the residual stream: dim, or dim - 1 for the compressed CRMSNorm form."""
-        return self.dim - 1 if self.norm == "pre_crmsnorm" else self.dim
+        return self.dim + self.form.resid_offset
 
     def post_ln(self, layer: int) -> bool:
-        return self.norm == "post_ln" or (
-            self.norm == "mix_ln" and layer < round(self.mix_ln_ratio * self.n_layers))
+        return self.form.post_ln(self, layer)
 
 
 class RMSNorm(nn.Module):
@@ -100,15 +109,44 @@ class ScalarRMSNorm(RMSNorm):
         self.weight = nn.Parameter(torch.ones(1))
 
 
+@dataclass(frozen=True)
+class NormForm:
+    """How a registered normalisation enters the decoder: the norm layer `layer(width, eps)`,
+    which blocks normalise after the residual add (Post-LN), the residual stream's width offset
+    and whether each block's sublayer inputs are scaled by 1/sqrt(depth)."""
+
+    layer: Callable[[int, float], nn.Module]
+    post_ln: Callable[[LlamaConfig, int], bool] = lambda cfg, layer: False
+    resid_offset: int = 0
+    depth_scaled: bool = False
+
+
+class MixLNOptions(Options):
+    mix_ln_ratio: float = Field(0.25, ge=0, le=1, description="mix_ln: the first fraction of blocks Post-LN")
+
+
+def _no_embed_proj(cfg: Any) -> None:
+    if cfg.model.embed_proj:
+        raise UserError("--embed-proj needs a full-width residual stream; it cannot go with "
+                        "--norm pre_crmsnorm (drop one of them)")
+
+
+NORMS.register("pre_rmsnorm", NormForm(RMSNorm), doc="Pre-RMSNorm (LLaMA's; default)")
+NORMS.register("pre_ln", NormForm(LayerNorm), doc="Pre-LayerNorm")
+NORMS.register("pre_crmsnorm", NormForm(lambda dim, eps: CRMSNorm(dim, eps), resid_offset=-1),
+               validate=_no_embed_proj, doc="Pre-CRMSNorm: Pre-LN's exact form in a dim - 1 stream")
+NORMS.register("post_ln", NormForm(LayerNorm, post_ln=lambda cfg, layer: True),
+               doc="Post-LayerNorm (the original Transformer)")
+NORMS.register("mix_ln", NormForm(LayerNorm, post_ln=lambda cfg, layer: layer < round(
+    cfg.mix_ln_ratio * cfg.n_layers)), options=MixLNOptions, doc="Mix-LN: Post-LN early, Pre-LN late")
+NORMS.register("layernorm_scaling", NormForm(RMSNorm, depth_scaled=True),
+               doc="LayerNorm scaling: sublayer inputs scaled by 1/sqrt(depth)")
+NORMS.register("single_scale_rmsnorm", NormForm(ScalarRMSNorm),
+               doc="RMSNorm with one learnable gain (outlier-safe pretraining)")
+
+
 def make_norm(cfg: LlamaConfig) -> nn.Module:
-    dim, eps = cfg.resid_dim, cfg.norm_eps
-    if cfg.norm == "pre_crmsnorm":
-        return CRMSNorm(dim, eps)
-    if cfg.norm in ("pre_ln", "post_ln", "mix_ln"):
-        return LayerNorm(dim, eps)
-    if cfg.norm == "single_scale_rmsnorm":
-        return ScalarRMSNorm(dim, eps)
-    return RMSNorm(dim, eps)
+    return cfg.form.layer(cfg.resid_dim, cfg.norm_eps)
 
 
 def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +203,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.post_ln = cfg.post_ln(layer)
-        self.scale = (layer + 1) ** -0.5 if cfg.norm == "layernorm_scaling" else 1.0
+        self.scale = (layer + 1) ** -0.5 if cfg.form.depth_scaled else 1.0
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.post_ln:

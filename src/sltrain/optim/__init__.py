@@ -1,31 +1,22 @@
 """Optimizers, built by name from the `[optimizer]` config section.
 
-A new optimizer is one file here plus one line in `OPTIMIZERS`. Every builder takes the model,
-the optimizer config and the run's rank, and returns a torch optimizer whose parameter groups
-say which parameters are "matrix" (2-D attention/MLP weights) and which are "other".
+A new optimizer is one file here that registers its builder in `sltrain.registry.OPTIMIZERS`.
+Every builder takes the model, the optimizer config and the run's rank, and returns a torch
+optimizer whose parameter groups say which parameters are "matrix" (2-D attention/MLP weights)
+and which are "other".
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
 
 import torch
 from torch import nn
 
 from sltrain.config import OptimizerConfig, RunConfig
-from sltrain.optim import (
-    adam8bit,
-    adamw,
-    auon,
-    conda,
-    fira,
-    frugal,
-    galore,
-    muon,
-    normuon,
-    per_layer,
-    tricks,
-)
+from sltrain.optim import per_layer, tricks
+from sltrain.registry import OPTIMIZERS
 
 # 2-D weights that are not matrices of the blocks: they get AdamW in every optimizer.
 NOT_MATRICES = ("embed_tokens", "lm_head")
@@ -52,20 +43,14 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig, split_matrices: bool = 
     return [g for g in groups if g["params"]]
 
 
-Builder = Callable[[nn.Module, OptimizerConfig, int], torch.optim.Optimizer]
-OPTIMIZERS: dict[str, Builder] = {
-    "adamw": adamw.build,
-    "adam8bit": adam8bit.build,
-    "galore": galore.build,
-    "galore8bit": galore.build_8bit,
-    "fira": fira.build,
-    "frugal": frugal.build,
-    "muon": muon.build,
-    "normuon": normuon.build,
-    "conda": conda.build,
-    "auon": auon.build,
-    "auon_hybrid": auon.build_hybrid,
-}
+def _register_builtins() -> None:
+    """Every module of this package that defines an optimizer registers its builder
+    `build(model, cfg, rank) -> torch.optim.Optimizer` in sltrain.registry.OPTIMIZERS."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_register_builtins()
 
 
 def build_optimizer(
@@ -74,7 +59,7 @@ def build_optimizer(
     """The optimizer `cfg.name` over `model`'s trainable parameters; `rank` is the run's rank,
     the default projection rank of the subspace optimizers. With `cfg.per_layer_updates` every
     parameter steps in its own gradient hook, once per `grad_accum` backward passes."""
-    optimizer = OPTIMIZERS[cfg.name](model, cfg, cfg.proj_rank or rank)
+    optimizer = OPTIMIZERS[cfg.name].obj(model, cfg, getattr(cfg, "proj_rank", None) or rank)
     if cfg.per_layer_updates:
         per_layer.check(cfg.grad_clip)
         return per_layer.PerLayerOptimizer(optimizer, grad_accum)

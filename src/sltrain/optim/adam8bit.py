@@ -11,6 +11,7 @@ from torch import nn
 from sltrain.config import OptimizerConfig
 from sltrain.errors import UserError
 from sltrain.optim.base import adam_moments_
+from sltrain.registry import OPTIMIZERS
 
 BLOCKSIZE = 256  # bitsandbytes' block size for blockwise 8-bit optimizer states
 MIN_8BIT_SIZE = 4096  # smaller tensors keep float32 states (bitsandbytes' default)
@@ -92,3 +93,6 @@ def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> torch.optim.Opti
     return Adam8bit(param_groups(model, cfg, split_matrices=False), lr=cfg.lr,
                     betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
                     min_8bit_size=MIN_8BIT_SIZE)
+
+
+OPTIMIZERS.register("adam8bit", build, doc="AdamW with bitsandbytes' blockwise 8-bit moments")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sltrain.config import OptimizerConfig
+from sltrain.registry import OPTIMIZERS
 
 
 class AdamW(torch.optim.AdamW):
@@ -26,3 +27,6 @@ def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> AdamW:
 
     return AdamW(param_groups(model, cfg, split_matrices=False), lr=cfg.lr,
                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+
+
+OPTIMIZERS.register("adamw", build, doc="AdamW (torch's foreach kernel); the default", elementwise=True)

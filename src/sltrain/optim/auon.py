@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from sltrain.config import OptimizerConfig
 from sltrain.optim.base import decay_
-from sltrain.optim.muon import ADAMW_RMS, MatrixOptimizer, newton_schulz
+from sltrain.optim.muon import ADAMW_RMS, MatrixOptimizer, MomentumOptions, newton_schulz
+from sltrain.registry import OPTIMIZERS
 
 
 def auon_direction(M: Tensor, hybrid: bool = False) -> Tensor:
@@ -75,3 +76,9 @@ def build_hybrid(model: nn.Module, cfg: OptimizerConfig, rank: int) -> AuON:
 
     return AuON(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                 momentum=cfg.momentum, hybrid=True)
+
+
+OPTIMIZERS.register("auon", build, options=MomentumOptions,
+                    doc="AuON: momentum normalised without Newton-Schulz")
+OPTIMIZERS.register("auon_hybrid", build_hybrid, options=MomentumOptions,
+                    doc="AuON hybrid: AuON with a Newton-Schulz step")

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from sltrain.config import OptimizerConfig
 from sltrain.optim.base import decay_
 from sltrain.optim.muon import MatrixOptimizer
+from sltrain.optim.projector import SubspaceOptions
+from sltrain.registry import OPTIMIZERS
 
 
 def projection_rank(shape: torch.Size, rank: int) -> int:
@@ -92,3 +94,7 @@ def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> Conda:
 
     return Conda(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                  rank=rank, update_proj_gap=cfg.update_proj_gap)
+
+
+OPTIMIZERS.register("conda", build, options=SubspaceOptions,
+                    doc="Conda: column-normalised Adam in a projected subspace")

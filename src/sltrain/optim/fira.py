@@ -11,6 +11,8 @@ from torch import nn
 from sltrain.config import OptimizerConfig
 from sltrain.optim import projector
 from sltrain.optim.galore import GaLore, check_rank, options
+from sltrain.optim.projector import SubspaceOptions
+from sltrain.registry import OPTIMIZERS
 
 GROWTH_LIMIT = 1.01  # the residual update's norm may grow at most 1% per step
 
@@ -54,3 +56,7 @@ def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> Fira:
     from sltrain.optim import param_groups
 
     return Fira(check_rank(param_groups(model, cfg), rank), **options(cfg, rank))
+
+
+OPTIMIZERS.register("fira", build, options=SubspaceOptions,
+                    doc="Fira: GaLore plus the scaled residual outside the subspace")

@@ -6,13 +6,18 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 
 from sltrain.config import OptimizerConfig
 from sltrain.optim import projector
 from sltrain.optim.base import adam_direction
 from sltrain.optim.galore import GaLore, check_rank, options
+from sltrain.optim.projector import SubspaceOptions
+from sltrain.registry import OPTIMIZERS
 
 
 class Frugal(GaLore):
@@ -61,3 +66,13 @@ def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> Frugal:
     kwargs = {**options(cfg, rank), "scale": 1.0}
     return Frugal(check_rank(param_groups(model, cfg), rank), state_free=cfg.state_free,
                   state_free_lr_scale=cfg.state_free_lr_scale, **kwargs)
+
+
+class FrugalOptions(SubspaceOptions):
+    # The state-free optimizer for the part of the gradient outside the subspace.
+    state_free: Literal["signsgd", "sgd"] = Field("signsgd", description="optimizer outside the subspace")
+    state_free_lr_scale: float = Field(1.0, ge=0, description="its learning rate relative to --lr")
+
+
+OPTIMIZERS.register("frugal", build, options=FrugalOptions,
+                    doc="FRUGAL: Adam in a subspace, state-free signSGD outside it")

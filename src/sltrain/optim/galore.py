@@ -13,6 +13,8 @@ from sltrain.errors import UserError
 from sltrain.optim import projector
 from sltrain.optim.adam8bit import adam_direction_8bit, quantized_moments_bytes
 from sltrain.optim.base import SltrainOptimizer, adam_direction, adam_step_size, decay_
+from sltrain.optim.projector import SubspaceOptions
+from sltrain.registry import OPTIMIZERS
 
 
 class GaLore(SltrainOptimizer):
@@ -130,3 +132,9 @@ def build_8bit(model: nn.Module, cfg: OptimizerConfig, rank: int) -> GaLore:
     from sltrain.optim import param_groups
 
     return GaLore(check_rank(param_groups(model, cfg), rank), eight_bit=True, **options(cfg, rank))
+
+
+OPTIMIZERS.register("galore", build, options=SubspaceOptions,
+                    doc="GaLore: Adam moments in a rank-r subspace of each gradient")
+OPTIMIZERS.register("galore8bit", build_8bit, options=SubspaceOptions,
+                    doc="GaLore with 8-bit moments")

@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from sltrain.config import OptimizerConfig
 from sltrain.optim.base import SltrainOptimizer, decay_
+from sltrain.registry import OPTIMIZERS, Options
 
 # The quintic's coefficients (Jordan et al.): chosen to push small singular values towards 1 as
 # fast as possible rather than to converge exactly, so 5 steps leave them in roughly [0.7, 1.2].
@@ -115,3 +117,15 @@ def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> Muon:
 
     return Muon(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                 momentum=cfg.momentum, ns_steps=cfg.ns_steps)
+
+
+class MomentumOptions(Options):
+    momentum: float = Field(0.95, ge=0, lt=1, description="momentum of the orthogonalised update")
+
+
+class MuonOptions(MomentumOptions):
+    ns_steps: int = Field(5, gt=0, description="Newton-Schulz iterations per orthogonalisation")
+
+
+OPTIMIZERS.register("muon", build, options=MuonOptions,
+                    doc="Muon: orthogonalised momentum on block matrices, AdamW elsewhere")

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from sltrain.config import OptimizerConfig
 from sltrain.optim.base import decay_
-from sltrain.optim.muon import ADAMW_RMS, MatrixOptimizer, newton_schulz
+from sltrain.optim.muon import ADAMW_RMS, MatrixOptimizer, MuonOptions, newton_schulz
+from sltrain.registry import OPTIMIZERS
 
 
 class NorMuon(MatrixOptimizer):
@@ -61,3 +62,7 @@ def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> NorMuon:
 
     return NorMuon(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                    momentum=cfg.momentum, ns_steps=cfg.ns_steps)
+
+
+OPTIMIZERS.register("normuon", build, options=MuonOptions,
+                    doc="NorMuon: Muon with per-row second-moment normalisation")

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Literal
 
 import torch
+from pydantic import Field
+
+from sltrain.registry import Options
 
 
 class ProjectorError(RuntimeError):
@@ -111,3 +115,12 @@ def subspace_rank(shape: torch.Size, rank: int) -> int | None:
     """The projection rank for a matrix of `shape`, or None when projecting would not save
     anything (rank >= the smaller side): such matrices get plain Adam."""
     return rank if len(shape) == 2 and rank < min(shape) else None
+
+
+class SubspaceOptions(Options):
+    """Options of the subspace optimizers (GaLore, Fira, FRUGAL, Conda)."""
+
+    proj_rank: int | None = Field(None, gt=0, description="projection rank (default: the run's rank)")
+    update_proj_gap: int = Field(200, gt=0, description="update steps between projector refreshes")
+    galore_scale: float = Field(0.25, gt=0, description="scale of the projected-back update")
+    projector: Literal["svd", "dct"] = Field("svd", description="how the subspace is found")

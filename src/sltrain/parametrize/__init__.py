@@ -1,45 +1,45 @@
 """Weight parameterisations: swap a model's targeted nn.Linear layers, and merge them back.
 
 peft-style: a `ParamSpec` says how to rebuild the layers, `apply` wraps, `merge` folds to dense.
-A new parameterisation is one file here plus one line in `METHODS`.
+A new parameterisation is one file here that registers its layer in `sltrain.registry.METHODS`.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import zlib
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from torch import nn
 
 from sltrain.errors import UserError
 from sltrain.parametrize.base import FactoredLinear
-from sltrain.parametrize.lost import LOSTLinear
-from sltrain.parametrize.lowrank import LowRankLinear
-from sltrain.parametrize.relora import ReLoRALinear
-from sltrain.parametrize.sltrain import SparseLowRankLinear
-from sltrain.parametrize.sparse import SparseLinear
+from sltrain.registry import METHODS, Options
 
-# name -> layer class with `from_linear(linear, rank=, lora_alpha=, density=, seed=)` and
-# `merged()`; None keeps the dense nn.Linear.
-METHODS: dict[str, type[nn.Module] | None] = {
-    "full": None,
-    "lowrank": LowRankLinear,
-    "sltrain": SparseLowRankLinear,
-    "relora": ReLoRALinear,
-    "sparse": SparseLinear,
-    "lost": LOSTLinear,
-}
+# Every module of this package registers its layer class in sltrain.registry.METHODS with its
+# options; the class has `from_linear(linear, seed=, **options)` and `merged()`. "full" keeps
+# the dense nn.Linear.
+METHODS.register("full", nn.Linear, options=Options, doc="dense weights (the baseline)")
+
+
+def _register_builtins() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_register_builtins()
 
 
 @dataclass
 class ParamSpec:
+    """How to rebuild a model's layers: the method, its resolved options, the targets, the seed."""
+
     method: str = "sltrain"
-    rank: int = 64
-    lora_alpha: float = 32.0
-    density: float = 0.03
+    options: dict[str, Any] = field(default_factory=dict)
     targets: list[str] = field(default_factory=list)
     seed: int = 0
-    mask: str = "random"  # sparse: how the fixed support is chosen (random or magnitude)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,27 +65,24 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def apply(model: nn.Module, spec: ParamSpec) -> nn.Module:
     """Swap every targeted nn.Linear of `model` for the layer of `spec.method`, in place."""
-    if spec.method not in METHODS:
-        raise UserError(f"unknown method '{spec.method}'; choose one of {', '.join(METHODS)}")
-    layer_cls = METHODS[spec.method]
+    layer_cls = METHODS[spec.method].obj
     linears = targeted_linears(model, spec.targets)
     if not linears:
         raise UserError(f"no nn.Linear named {spec.targets} in the model; fix method.targets")
-    if layer_cls is None:
+    if layer_cls is nn.Linear:
         return model
-    if not 0 < spec.density <= 1:
-        raise UserError(f"density {spec.density} is outside (0, 1]; pass e.g. --density 0.03")
+    density = spec.options.get("density")
+    if density is not None and not 0 < density <= 1:
+        raise UserError(f"density {density} is outside (0, 1]; pass e.g. --density 0.03")
     smallest = min(min(m.in_features, m.out_features) for _, m in linears)
-    if getattr(layer_cls, "uses_rank", True) and not 0 < spec.rank <= smallest:
+    rank = spec.options.get("rank")
+    if rank is not None and not 0 < rank <= smallest:
         raise UserError(
-            f"rank {spec.rank} is impossible: it must lie in 1..{smallest}, the smallest "
+            f"rank {rank} is impossible: it must lie in 1..{smallest}, the smallest "
             f"min(in, out) of the targeted layers; pass e.g. --rank {max(1, smallest // 4)}"
         )
     for name, linear in linears:
-        new = layer_cls.from_linear(  # type: ignore[attr-defined]
-            linear, rank=spec.rank, lora_alpha=spec.lora_alpha, density=spec.density,
-            seed=layer_seed(spec.seed, name), mask=spec.mask,
-        )
+        new = layer_cls.from_linear(linear, seed=layer_seed(spec.seed, name), **spec.options)
         _replace(model, name, new)
     return model
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sltrain.parametrize.base import FactoredLinear
+from sltrain.parametrize.base import DensityOptions, FactoredLinear, RankOptions
+from sltrain.registry import METHODS
 
 
 def kept_channels(in_features: int, density: float) -> int:
@@ -103,3 +104,11 @@ class LOSTLinear(FactoredLinear):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
                 f"density={self.density}, channels={self.C.shape[1]}")
+
+
+class LOSTOptions(RankOptions, DensityOptions):
+    pass
+
+
+METHODS.register("lost", LOSTLinear, options=LOSTOptions,
+                 doc="LOST: SVD head as B·A plus a channel-wise sparse complement")

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sltrain.parametrize.base import FactoredLinear
+from sltrain.parametrize.base import FactoredLinear, RankOptions
+from sltrain.registry import METHODS
 
 
 class LowRankLinear(FactoredLinear):
@@ -54,3 +55,6 @@ class LowRankLinear(FactoredLinear):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
+
+
+METHODS.register("lowrank", LowRankLinear, options=RankOptions, doc="W = B·A trained from scratch")

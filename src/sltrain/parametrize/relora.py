@@ -9,9 +9,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from sltrain.parametrize.base import FactoredLinear
+from sltrain.parametrize.base import FactoredLinear, ScaledRankOptions
+from sltrain.registry import METHODS
 
 
 class ReLoRALinear(FactoredLinear):
@@ -89,3 +91,13 @@ class ReLoRALinear(FactoredLinear):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
                 f"alpha={self.lora_alpha}")
+
+
+class ReLoRAOptions(ScaledRankOptions):
+    # Train the dense weights for this many update steps before the factors take over.
+    warm_start_steps: int = Field(0, ge=0, json_schema_extra={"exclusive": True},
+                                  description="update steps of dense training before the factors")
+
+
+METHODS.register("relora", ReLoRALinear, options=ReLoRAOptions,
+                 doc="ReLoRA: frozen dense W plus s·B·A, merged and restarted every --reset-every")

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sltrain.parametrize.base import FactoredLinear
+from sltrain.parametrize.base import DensityOptions, FactoredLinear, ScaledRankOptions
+from sltrain.registry import METHODS
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -134,3 +135,11 @@ class SparseLowRankLinear(FactoredLinear):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
                 f"alpha={self.lora_alpha}, density={self.density}, nnz={self.values.numel()}")
+
+
+class SLTrainOptions(ScaledRankOptions, DensityOptions):
+    pass
+
+
+METHODS.register("sltrain", SparseLowRankLinear, options=SLTrainOptions,
+                 doc="W = s·B·A + S, S sparse on a random support fixed at init (the paper's)")

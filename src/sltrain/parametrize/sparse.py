@@ -8,13 +8,16 @@ stays pruned; `sltrain densify` then frees every weight for a dense phase.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from sltrain.parametrize.base import FactoredLinear
+from sltrain.parametrize.base import DensityOptions, FactoredLinear
 from sltrain.parametrize.sltrain import index_dtype, random_support
+from sltrain.registry import METHODS
 
 MASKS = ("random", "magnitude")
 
@@ -70,8 +73,6 @@ class SparseLinear(FactoredLinear):
     chosen at init: "random" (uniform, seeded by `seed` like SLTrain's) or "magnitude" (the
     largest |w| of the dense initialisation). The values start as the dense init at the support.
     """
-
-    uses_rank = False  # `apply` checks the rank only for layers that have one
 
     def __init__(
         self,
@@ -132,3 +133,14 @@ class SparseLinear(FactoredLinear):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, density={self.density}, "
                 f"mask={self.mask}, nnz={self.values.numel()}")
+
+
+class SparseOptions(DensityOptions):
+    # The fixed support is drawn at random (seeded per layer) or keeps the largest |w| of the
+    # dense initialisation; `density` is the fraction kept.
+    mask: Literal["random", "magnitude"] = Field("random", json_schema_extra={"exclusive": True},
+                                                 description="how the fixed support is chosen")
+
+
+METHODS.register("sparse", SparseLinear, options=SparseOptions,
+                 doc="a fixed unstructured sparse weight (SPDF's sparse pretraining)")

@@ -27,8 +27,7 @@ from torch import nn
 
 from sltrain.config import RunConfig
 from sltrain.errors import UserError
-
-ELEMENTWISE_OPTIMIZERS = ("adamw",)
+from sltrain.registry import OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -123,7 +122,8 @@ def check(cfg: RunConfig, world: World) -> None:
         raise UserError("ReLoRA's --warm-start-steps changes which parameters train mid-run, "
                         "which data-parallel wrappers cannot follow; pass --warm-start-steps 0")
     if tc.parallel == "fsdp":
-        if oc.name not in ELEMENTWISE_OPTIMIZERS:
+        # Only an optimizer registered as element-wise can step a shard without the whole matrix.
+        if not OPTIMIZERS[oc.name].info.get("elementwise"):
             raise UserError(f"--optimizer {oc.name} needs whole matrices but --parallel fsdp "
                             "shards them; use --parallel ddp or --optimizer adamw")
         if cfg.method.name == "relora" or oc.reset_every:

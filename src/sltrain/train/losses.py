@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+
+from sltrain.registry import LOSSES, Options
 
 if TYPE_CHECKING:
     from sltrain.config import RunConfig
@@ -89,19 +92,30 @@ def logit_z_reg(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "m
     return _reduce(ce + coef * penalty, keep, reduction, targets.shape[0])
 
 
-LossFn = Callable[..., torch.Tensor]
-LOSSES: dict[str, LossFn] = {
-    "cross_entropy": cross_entropy,
-    "z_loss": z_loss,
-    "logit_z_reg": logit_z_reg,
-}
+class ZLossOptions(Options):
+    # (1/a) softplus(a (b - z_target)) on standardised logits: a > 0 sets how sharply it
+    # saturates, b how many standard deviations above the row mean the target is pushed.
+    z_loss_a: float = Field(0.1, gt=0, allow_inf_nan=False, description="z-loss sharpness a")
+    z_loss_b: float = Field(10.0, allow_inf_nan=False, description="z-loss target margin b (in std)")
+
+
+class LogitZOptions(Options):
+    logit_z_coef: float = Field(1e-4, gt=0, allow_inf_nan=False,
+                                description="coefficient of the logsumexp(logits)^2 penalty")
+
+
+# `kwargs` maps a config option to the keyword of the loss function.
+LOSSES.register("cross_entropy", cross_entropy, doc="token-mean cross-entropy (default)")
+LOSSES.register("z_loss", z_loss, options=ZLossOptions, kwargs={"z_loss_a": "a", "z_loss_b": "b"},
+                doc="Z-loss on standardised logits (a softplus margin on the target's z-score)")
+LOSSES.register("logit_z_reg", logit_z_reg, options=LogitZOptions, kwargs={"logit_z_coef": "coef"},
+                doc="cross-entropy + coef * logsumexp(logits)^2")
 
 
 def loss_options(cfg: RunConfig) -> dict[str, Any]:
     """The hyperparameters of the configured loss, as keyword arguments of its function."""
-    lc = cfg.loss
-    return {"z_loss": {"a": lc.z_loss_a, "b": lc.z_loss_b},
-            "logit_z_reg": {"coef": lc.logit_z_coef}}.get(lc.name, {})
+    names = LOSSES[cfg.loss.name].info.get("kwargs", {})
+    return {names.get(k, k): v for k, v in dict(cfg.loss.options()).items()}
 
 
 class TrainingLoss:
@@ -118,13 +132,11 @@ class TrainingLoss:
 
     def __init__(self, name: str, grad_accum: int = 1,
                  reweighter: SampleReweighter | None = None, **options: Any) -> None:
-        if name not in LOSSES:
-            raise ValueError(f"unknown loss '{name}'; use one of {', '.join(LOSSES)}")
         self.name = name
         self.options = options
         self.reweighter = reweighter
         self.step = 0
-        self._fn = LOSSES[name]
+        self._fn = LOSSES[name].obj
         self._ce: deque[float] = deque(maxlen=grad_accum)
 
     @property

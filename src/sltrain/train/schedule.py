@@ -1,8 +1,8 @@
 """Learning-rate schedules as multipliers of the peak rate, by update step (not micro-batch).
 
 Each schedule is a pure function `f(step, total, warmup, min_lr_ratio, **options) -> multiplier`
-registered in `SCHEDULES`; its keyword-only options are `ScheduleConfig` fields of the same name
-(plus `tokens_per_step` and `peak_lr`, taken from the run). `step` is the 0-based index of the
+registered in `sltrain.registry.SCHEDULES` with the class of its keyword-only options (plus
+`tokens_per_step` and `peak_lr`, taken from the run). `step` is the 0-based index of the
 coming update. Any schedule re-warms after optimizer-state resets (ReLoRA's jagged cosine).
 """
 
@@ -11,10 +11,14 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+
+from sltrain.errors import UserError
+from sltrain.registry import SCHEDULES, Options
 
 
 def cosine(step: int, total: int, warmup: int, min_lr_ratio: float) -> float:
@@ -146,24 +150,83 @@ def cosine_restarts(step: int, total: int, warmup: int, min_lr_ratio: float, *,
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t / round(length)))
 
 
-SCHEDULES: dict[str, Callable[..., float]] = {
-    "cosine": cosine, "wsd": wsd, "power": power, "infinite": infinite, "rewarm": rewarm,
-    "cosine_restarts": cosine_restarts,
-}
+# ---- registration: each schedule with its options and its check against the run --------------
+class DecayOptions(Options):
+    # wsd, power, infinite: the final decay (annealing) phase is the last `decay_ratio` of the run.
+    decay_ratio: float = Field(0.2, ge=0, le=1, description="final decay phase, as a fraction of the run")
+
+
+class WSDOptions(DecayOptions):
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = Field("1-sqrt", description="shape of the decay")
+
+
+class PowerOptions(DecayOptions):
+    # lr = min(peak, power_a * tokens_seen ** power_b), then `power_decay` at the end.
+    power_a: float = Field(4.0, gt=0, description="power schedule: lr = a * tokens ** b")
+    power_b: float = Field(-0.51, lt=0, description="power schedule exponent b")
+    power_decay: Literal["exp", "linear"] = Field("exp", description="power schedule's final decay")
+
+
+class InfiniteOptions(DecayOptions):
+    # Cosine cooldown from the peak to const_lr_ratio over cooldown_ratio of the run.
+    cooldown_ratio: float = Field(0.2, ge=0, le=1, description="infinite: cooldown, fraction of the run")
+    const_lr_ratio: float = Field(0.5, gt=0, le=1, description="infinite: the constant phase's rate")
+
+
+class RewarmOptions(Options):
+    start_lr_ratio: float = Field(0.1, ge=0, le=1, description="rewarm: first update's rate / peak")
+
+
+class RestartOptions(Options):
+    cycle_steps: int = Field(0, ge=0, description="first cycle length (0: the whole run after warm-up)")
+    cycle_mult: float = Field(1.0, ge=1, description="growth of each next cycle")
+
+
+def _check_phases(cfg: Any) -> None:
+    """Warm-up plus the decay phases fit in the run; an exponential decay has a floor above 0."""
+    s, total = cfg.schedule, cfg.train.steps
+    decays = "decay_ratio" in SCHEDULES[s.name].options.model_fields
+    warm, phases = cfg.warmup_steps, round(s.decay_ratio * total) if decays else 0
+    if s.name == "infinite":
+        phases += round(s.cooldown_ratio * total)
+    if warm + phases > total:
+        raise UserError(f"schedule {s.name}: warm-up ({warm}) plus its decay phases ({phases}) exceed "
+                        f"the {total} steps; lower --warmup-steps/--warmup-ratio, --decay-ratio or "
+                        "--cooldown-ratio")
+    exp_decay = s.name == "infinite" or (s.name == "power" and s.power_decay == "exp")
+    if exp_decay and s.min_lr_ratio == 0:
+        raise UserError(f"schedule {s.name} decays exponentially and cannot reach zero; "
+                        "set --min-lr-ratio above 0")
+    if s.name == "infinite" and s.min_lr_ratio > s.const_lr_ratio:
+        raise UserError(f"schedule infinite anneals from --const-lr-ratio {s.const_lr_ratio} "
+                        f"down to --min-lr-ratio {s.min_lr_ratio}; set min <= const")
+
+
+SCHEDULES.register("cosine", cosine, validate=_check_phases,
+                   doc="linear warm-up, cosine decay to --min-lr-ratio (default)")
+SCHEDULES.register("wsd", wsd, options=WSDOptions, validate=_check_phases,
+                   doc="warmup-stable-decay (MiniCPM)")
+SCHEDULES.register("power", power, options=PowerOptions, validate=_check_phases,
+                   doc="Power scheduler: lr = a * tokens ** b, then a final decay")
+SCHEDULES.register("infinite", infinite, options=InfiniteOptions, validate=_check_phases,
+                   doc="infinite schedule for continual pretraining: cooldown, constant, anneal")
+SCHEDULES.register("rewarm", rewarm, options=RewarmOptions, validate=_check_phases,
+                   doc="re-warming for continued pretraining from a checkpoint")
+SCHEDULES.register("cosine_restarts", cosine_restarts, options=RestartOptions, validate=_check_phases,
+                   doc="cosine with warm restarts (SGDR)")
 
 
 def schedule_options(cfg: Any) -> dict[str, Any]:
-    """The keyword options the run's schedule takes, from its `schedule` section and the run
-    (`tokens_per_step`, `peak_lr`)."""
+    """The keyword options the run's schedule takes: its registered options, and from the run
+    `tokens_per_step` and `peak_lr` where its function asks for them."""
     run = {"tokens_per_step": cfg.tokens_per_step, "peak_lr": cfg.optimizer.lr}
-    params = inspect.signature(SCHEDULES[cfg.schedule.name]).parameters.values()
-    return {p.name: run[p.name] if p.name in run else getattr(cfg.schedule, p.name)
-            for p in params if p.kind is p.KEYWORD_ONLY}
+    params = inspect.signature(SCHEDULES[cfg.schedule.name].obj).parameters
+    return {**{k: v for k, v in run.items() if k in params}, **dict(cfg.schedule.options())}
 
 
 def multiplier(cfg: Any, step: int) -> float:
     """The run's schedule multiplier at update `step` (no restarts), e.g. for plots."""
-    return SCHEDULES[cfg.schedule.name](step, cfg.train.steps, cfg.warmup_steps,
+    return SCHEDULES[cfg.schedule.name].obj(step, cfg.train.steps, cfg.warmup_steps,
                                         cfg.schedule.min_lr_ratio, **schedule_options(cfg))
 
 
@@ -185,6 +248,6 @@ def build_scheduler(
     """A LambdaLR over update steps; `cycle_start(step)` gives the last optimizer-state reset
     at or before `step` (or None), after which the rate re-warms over `restart_warmup` steps.
     `options` are the schedule's keyword options (`schedule_options(cfg)`)."""
-    fn = SCHEDULES[name]
+    fn = SCHEDULES[name].obj
     return LambdaLR(optimizer, lambda step: fn(step, total, warmup, min_lr_ratio, **options)
                     * restart_ramp(step, cycle_start(step), restart_warmup))
