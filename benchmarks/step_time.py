@@ -26,11 +26,11 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from sltrain.config import load_config
+    from sltrain.device import autocast_for, resolve_device
     from sltrain.measure import count_parameters, measure_memory, rss_bytes
+    from sltrain.measure.loss import lm_loss
     from sltrain.model import build_model
     from sltrain.optim import build_optimizer
-    from sltrain.train.evaluate import lm_loss
-    from sltrain.train.loop import autocast_for, resolve_device
 
     per_layer = bool(args.per_layer)
     cfg = load_config(None, {"model.preset": args.preset, "method.name": args.method,

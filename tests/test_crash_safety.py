@@ -16,8 +16,8 @@ from sltrain.cli import main
 from sltrain.config import load_config
 from sltrain.errors import UserError
 from sltrain.registry import LOSSES
+from sltrain.run.checkpoint import list_checkpoints, load_checkpoint
 from sltrain.train import train
-from sltrain.train.checkpoint import list_checkpoints, load_checkpoint
 
 
 def losses(run_dir):
@@ -42,7 +42,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(base, tmp_path
     # training state and the rename: a real crash at the worst moment.
     script = textwrap.dedent(f"""
         import os, signal, sys
-        import sltrain.train.checkpoint as ckpt
+        import sltrain.run.checkpoint as ckpt
         from sltrain.cli import main
         real, calls = ckpt.save_file, []
         def save_then_die(*args, **kwargs):

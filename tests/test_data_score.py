@@ -10,7 +10,7 @@ from sltrain.data import Blocks, prepare
 from sltrain.data import tokens as token_files
 from sltrain.data.scoring import el2n, grand, score_and_prune, score_runs, select
 from sltrain.errors import UserError
-from sltrain.export import load_run_model
+from sltrain.run.folder import load_run_model
 from sltrain.train import train
 from sltrain.train.losses import IGNORE_INDEX
 

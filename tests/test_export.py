@@ -8,7 +8,7 @@ from conftest import assert_one_line_error
 
 from sltrain.cli import main
 from sltrain.config import load_config
-from sltrain.export import load_run_model, run_tokenizer
+from sltrain.run.folder import load_run_model, run_tokenizer
 from sltrain.train import train
 
 transformers = pytest.importorskip("transformers")

@@ -306,7 +306,7 @@ def test_data_prepare_fills_the_cache_train_reads(tiny, capsys):
 def test_eval_and_health_of_a_run_on_a_streamed_source_read_its_budget(
         tiny, small_corpus, monkeypatch, tmp_path, capsys):
     """A Hub source has no end: evaluating a run on it reads the run's own token budget."""
-    from sltrain.export import perplexity
+    from sltrain.evaluate import perplexity
 
     docs = docs_of(small_corpus)
     monkeypatch.setattr(streaming, "open_splits",

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from sltrain.config import load_config
 from sltrain.errors import UserError
+from sltrain.measure.loss import lm_loss
 from sltrain.registry import LOSSES
 from sltrain.train import train
-from sltrain.train.evaluate import lm_loss
 from sltrain.train.losses import (
     IGNORE_INDEX,
     TrainingLoss,

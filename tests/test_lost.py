@@ -8,13 +8,13 @@ from torch import nn
 
 from sltrain.config import load_config
 from sltrain.errors import UserError
-from sltrain.export import load_run_model
 from sltrain.measure import count_parameters, estimate_memory, measure_memory
 from sltrain.model import build_model
 from sltrain.optim.tricks import refactor_
 from sltrain.parametrize import merge
 from sltrain.parametrize.lost import LOSTLinear, kept_channels
 from sltrain.registry import METHODS
+from sltrain.run.folder import load_run_model
 from sltrain.train import train
 
 

@@ -93,7 +93,8 @@ def test_convert_command_writes_equivalent_runs(tiny, tmp_path, capsys):
     give the run's logits (1e-5) and perplexity; non-pre_ln runs and used folders are refused;
     the model-only result cannot be resumed."""
     from sltrain.cli import main
-    from sltrain.export import load_run_model, perplexity
+    from sltrain.evaluate import perplexity
+    from sltrain.run.folder import load_run_model
 
     cfg = load_config(None, {**tiny, "model.norm": "pre_ln", "train.steps": 6,
                              "train.eval_every": 0})

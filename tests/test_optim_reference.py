@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from sltrain.config import load_config
+from sltrain.measure.loss import lm_loss
 from sltrain.model import build_model
 from sltrain.optim import param_groups
 from sltrain.optim.fira import Fira
 from sltrain.optim.galore import GaLore
-from sltrain.train.evaluate import lm_loss
 
 galore_torch = pytest.importorskip("galore_torch")
 fira = pytest.importorskip("fira")

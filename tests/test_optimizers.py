@@ -11,11 +11,11 @@ from conftest import LiveGradients
 from sltrain.config import OptimizerConfig, load_config
 from sltrain.errors import UserError
 from sltrain.measure import estimate_memory, measure_memory
+from sltrain.measure.loss import lm_loss
 from sltrain.model import build_model
 from sltrain.optim import build_optimizer, projector
 from sltrain.optim.galore import GaLore
 from sltrain.registry import OPTIMIZERS
-from sltrain.train.evaluate import lm_loss
 
 TINY = {"model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "model.ffn_dim": 128,
         "model.vocab_size": 256, "method.rank": 16}

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from sltrain.config import load_config, resume_config
 from sltrain.errors import UserError
-from sltrain.export import load_run_model
 from sltrain.model import build_model
 from sltrain.optim import build_optimizer
+from sltrain.run.folder import load_run_model
 from sltrain.train import train
 from sltrain.train.prune import Pruner, prunable, prune_window, sparsity_at
 

@@ -9,12 +9,12 @@ from conftest import assert_one_line_error
 
 from sltrain.cli import main
 from sltrain.config import load_config
-from sltrain.export import load_run_model
 from sltrain.model import build_model
 from sltrain.parametrize import merge
 from sltrain.parametrize.sltrain import SparseLowRankLinear
+from sltrain.run.checkpoint import list_checkpoints
+from sltrain.run.folder import load_run_model
 from sltrain.train import train
-from sltrain.train.checkpoint import list_checkpoints
 
 
 def sltrain(*args):

@@ -9,11 +9,11 @@ from sltrain.config import load_config
 from sltrain.data import Blocks, BlockSampler, prepare, prepare_options
 from sltrain.densify import densify
 from sltrain.errors import UserError
-from sltrain.export import load_run_model
 from sltrain.measure import count_parameters, estimate_memory, measure_memory
 from sltrain.model import build_model
 from sltrain.optim import build_optimizer
 from sltrain.parametrize.sparse import SparseLinear
+from sltrain.run.folder import load_run_model
 from sltrain.train import train
 
 

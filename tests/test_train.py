@@ -1,12 +1,15 @@
+import copy
 import json
 import os
 import signal
 
 import pytest
+import torch
 
 from sltrain.config import load_config, resume_config
 from sltrain.errors import UserError
 from sltrain.train import train
+from sltrain.train.trainer import Trainer
 
 
 def losses(run_dir):
@@ -73,3 +76,88 @@ def test_resume_refuses_a_different_model(tiny, tmp_path):
         resume_config(tmp_path / "run", {"method.rank": 8})
     with pytest.raises(UserError, match="already holds checkpoints"):
         train(cfg)
+
+
+STATE_KEYS = {"step", "tokens_seen", "elapsed_s", "skipped_nonfinite", "model", "optimizer",
+              "scheduler", "sampler", "rng", "prune", "tricks"}
+# training_state.pt as runs wrote it before the TrainState (and its "tricks" entry) existed.
+OLD_STATE_KEYS = ("step", "tokens_seen", "sampler", "optimizer", "scheduler", "rng", "elapsed_s",
+                  "skipped_nonfinite", "prune")
+RELORA_WARM = {"method.name": "relora", "method.warm_start_steps": 2, "optimizer.reset_every": 3,
+               "schedule.restart_warmup": 2, "train.eval_every": 0}
+
+
+def assert_same(a, b, path="state"):
+    """Nested state dicts hold equal values (tensors exactly equal)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, (path, a, b)
+
+
+def test_train_state_round_trip_restores_every_part(tiny, tmp_path):
+    base = {**tiny, **RELORA_WARM, "train.steps": 8, "train.grad_accum": 2}
+    a = Trainer(load_config(None, {**base, "train.out_dir": str(tmp_path / "a")}))
+    for _ in range(4):  # past the warm start (2) and the first merge (5 is next)
+        assert a.train_step() is not None
+    saved = a.state_dict()
+    assert set(saved) == STATE_KEYS
+    b = Trainer(load_config(None, {**base, "train.out_dir": str(tmp_path / "b")}))
+    assert b.state.counters.step == 0 and b.sampler.position == 0
+    assert all(layer.weight.requires_grad for layer in b.tricks.relora)  # still warm
+    b.load_state_dict(copy.deepcopy(saved))  # as from a file: no tensor shared with `a`
+    restored, now = b.state_dict(), a.state_dict()
+    assert restored["elapsed_s"] == pytest.approx(saved["elapsed_s"], abs=1.0)
+    for state in (restored, now):
+        state.pop("elapsed_s")
+    assert_same(restored, now)
+    assert (b.state.counters.step, b.state.counters.tokens_seen) == (4, 4 * 2 * 8 * 32)
+    assert b.sampler.position == a.sampler.position > 0
+    assert b.tricks.step == 4 and not any(layer.weight.requires_grad for layer in b.tricks.relora)
+    assert b.optimizer.state_dict()["state"] and b.scheduler.last_epoch == 4
+    # The next update is the same in both: nothing the step depends on was left behind.
+    ra, rb = a.train_step(), b.train_step()
+    assert ra["loss"] == rb["loss"] and ra["lr"] == rb["lr"]
+    assert_same(a.raw_model.state_dict(), b.raw_model.state_dict())
+
+
+def test_a_checkpoint_in_the_old_format_still_resumes_exactly(tiny, tmp_path):
+    base = {**tiny, **RELORA_WARM, "train.steps": 8}
+    train(load_config(None, {**base, "train.out_dir": str(tmp_path / "a")}))
+
+    def interrupt(step, record):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    b = tmp_path / "b"
+    train(load_config(None, {**base, "train.out_dir": str(b)}), on_step=interrupt)
+    state_file = b / "checkpoints" / "step_0000004" / "training_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert set(state) == STATE_KEYS - {"model"}
+    torch.save({k: state[k] for k in OLD_STATE_KEYS}, state_file)
+    # Without its "tricks" entry the resumed run must still know the warm start has ended.
+    resumed = train(resume_config(b, {}), run_dir=b, resume=b)
+    assert resumed["status"] == "finished" and resumed["step"] == 8
+    assert losses(b) == losses(tmp_path / "a")
+    assert set(torch.load(b / "checkpoints" / "step_0000008" / "training_state.pt",
+                          weights_only=True)) == STATE_KEYS - {"model"}
+
+
+def test_a_checkpoint_missing_a_part_is_refused_in_one_line(tiny, tmp_path):
+    cfg = load_config(None, {**tiny, "train.steps": 2, "train.eval_every": 0})
+    train(cfg)
+    run = tmp_path / "run"
+    state_file = run / "checkpoints" / "step_0000002" / "training_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["sampler"]
+    torch.save(state, state_file)
+    with pytest.raises(UserError, match=r"step_0000002 lacks sampler; it is damaged"):
+        train(resume_config(run, {}), run_dir=run, resume=run)

@@ -18,11 +18,7 @@ from typing import Any
 
 from sltrain import cli_args
 from sltrain.config import (
-    flatten,
     load_config,
-    read_config_file,
-    resume_config,
-    run_clashes,
 )
 from sltrain.errors import UserError
 
@@ -46,36 +42,10 @@ def _fmt_count(n: int) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from sltrain.run.resume import plan
     from sltrain.train import train
-    from sltrain.train.checkpoint import list_checkpoints
 
-    overrides = _overrides(args)
-    if args.resume == "auto":
-        # Continue the newest complete checkpoint of --out-dir if there is one, else start it.
-        cfg = load_config(args.config, overrides)
-        if not cfg.train.out_dir:
-            raise UserError("--resume auto needs --out-dir, the run folder to continue or start")
-        run_dir = Path(cfg.train.out_dir)
-        if list_checkpoints(run_dir):
-            clashes = run_clashes(run_dir, cfg)
-            if clashes:
-                raise UserError(f"run folder {run_dir} was made by another config "
-                                f"({', '.join(clashes)}); pass another --out-dir or the same flags")
-            summary = train(cfg, run_dir=run_dir, resume=run_dir)
-        else:
-            summary = train(cfg)
-    elif args.resume:
-        resume = Path(args.resume)
-        if not resume.exists():
-            raise UserError(f"--resume {resume} does not exist; pass a run folder or checkpoint")
-        run_dir = resume if (resume / "config.json").is_file() else resume.parent.parent
-        if args.config:
-            overrides = {**flatten(read_config_file(Path(args.config))), **overrides}
-        cfg = resume_config(run_dir, overrides)
-        summary = train(cfg, run_dir=run_dir, resume=resume)
-    else:
-        cfg = load_config(args.config, overrides)
-        summary = train(cfg)
+    summary = train(*plan(args.config, _overrides(args), args.resume))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0 if summary["status"] == "finished" else 130  # rank 0 reports
     _print_summary(summary)
@@ -244,7 +214,7 @@ def cmd_densify(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from sltrain.export import perplexity
+    from sltrain.evaluate import perplexity
 
     overrides = {**_overrides(args), "train.device": args.device}
     r = perplexity(Path(args.model), overrides, args.split, args.max_batches)

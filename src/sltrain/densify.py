@@ -16,20 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from sltrain.config import build_config
-from sltrain.errors import UserError
 from sltrain.parametrize import merge
-from sltrain.parametrize.base import FactoredLinear
-from sltrain.train.checkpoint import find_checkpoint
+from sltrain.run.folder import load_run_model, save_model_run
 
 
 def densify(path: Path, out: Path) -> dict[str, Any]:
     """Write the model of run/checkpoint `path`, merged to dense, as a method-`full` run in `out`."""
-    from sltrain.export import load_run_model, save_model_run  # export imports the loop
-
     model, cfg, ckpt = load_run_model(path)
     merge(model)
     tree = cfg.to_dict()
@@ -41,26 +34,3 @@ def densify(path: Path, out: Path) -> dict[str, Any]:
             "params": sum(p.numel() for p in model.parameters()),
             "step": int(written.name.removeprefix("step_"))}
 
-
-def init_tokenizer_dir(path: Path) -> Path:
-    """The run folder whose tokenizer a run started `--init-from path` must use."""
-    return find_checkpoint(path).parent.parent
-
-
-@torch.no_grad()
-def init_weights_from(model: nn.Module, path: Path) -> Path:
-    """Copy the weights of run/checkpoint `path` into `model` (of the same shape); a dense
-    `model` takes them merged. Returns the checkpoint read."""
-    from sltrain.export import load_run_model
-
-    source, source_cfg, ckpt = load_run_model(path)
-    if not any(isinstance(m, FactoredLinear) for m in model.modules()):
-        merge(source)
-    try:
-        model.load_state_dict(source.state_dict())
-    except RuntimeError as e:
-        lines = str(e).strip().splitlines()
-        first = (lines[1] if len(lines) > 1 else lines[0]).strip()[:200]
-        raise UserError(f"--init-from {path}: its weights do not fit this model ({first}); use the "
-                        f"same model shape, and method full or {source_cfg.method.name}") from None
-    return ckpt

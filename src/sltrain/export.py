@@ -1,4 +1,4 @@
-"""Export a run to a Hugging Face `LlamaForCausalLM` folder, and measure the perplexity of either.
+"""Export a run to a Hugging Face `LlamaForCausalLM` folder, and load such a folder back.
 
 A trained model leaves the package as a plain dense LLaMA: every re-parameterised layer is folded
 back into one weight (`parametrize.merge`), so `transformers`, lm-eval and friends load it as is.
@@ -28,84 +28,20 @@ the permutation that Meta's interleaved-pair checkpoints need.
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tokenizers import Tokenizer
 from torch import nn
 
-from sltrain.config import RunConfig, build_config, flatten, load_config
-from sltrain.data import Blocks, prepare, prepare_options
-from sltrain.data.tokenizer import META_FILE, load_tokenizer, save_tokenizer
+from sltrain.data.tokenizer import META_FILE
 from sltrain.errors import UserError
-from sltrain.model import build_model, param_spec
 from sltrain.parametrize import merge
-from sltrain.train.checkpoint import (
-    MODEL_FILE,
-    STATE_FILE,
-    find_checkpoint,
-    load_weights,
-    save_checkpoint,
-)
-from sltrain.train.evaluate import evaluate
-from sltrain.train.loop import autocast_for, resolve_device
+from sltrain.run.checkpoint import STATE_FILE, find_checkpoint
+from sltrain.run.folder import load_run_model, run_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-SPLITS = ("val", "train", "all")
-
-
-def run_tokenizer(run_dir: Path) -> tuple[Tokenizer, str]:
-    """The tokenizer a run trained with, and its end-of-text token."""
-    return load_tokenizer(run_dir)
-
-
-def checkpoint_config(ckpt: Path) -> RunConfig:
-    """The run config a checkpoint's weights file records in its metadata."""
-    try:
-        with safe_open(str(ckpt / MODEL_FILE), "pt") as f:
-            meta = (f.metadata() or {}).get("sltrain")
-    except (OSError, SafetensorError) as e:
-        raise UserError(f"checkpoint {ckpt} cannot be read ({e}); it is damaged") from None
-    if meta is None:
-        raise UserError(f"{ckpt / MODEL_FILE} records no sltrain config; pass a checkpoint written "
-                        "by `sltrain train`")
-    return build_config(json.loads(meta)["config"])
-
-
-def load_run_model(path: Path) -> tuple[nn.Module, RunConfig, Path]:
-    """The model of a checkpoint folder (or a run folder's newest checkpoint), as it trained."""
-    ckpt = find_checkpoint(path)
-    cfg = checkpoint_config(ckpt)
-    model = build_model(cfg)
-    load_weights(ckpt, model.load_state_dict)
-    return model.eval(), cfg, ckpt
-
-
-def save_model_run(weights: dict[str, torch.Tensor], cfg: RunConfig, out: Path, source: Path,
-                   record: dict[str, Any]) -> Path:
-    """Write `weights` (the state dict of a model built by `cfg`) as a run folder without a
-    training state: config.json, the tokenizer of the checkpoint folder `source`, and one
-    model-only checkpoint at `source`'s step. `sltrain eval`, `export`, `health` and
-    `train --init-from` read it like a trained run; `record` (what made it: convert, densify,
-    soup) goes to config.json's `derived_from`. Returns the checkpoint folder."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} exists and is not an empty folder; pass a new --out")
-    tok, eos = run_tokenizer(source.parent.parent)
-    source_state = torch.load(source / STATE_FILE, map_location="cpu", weights_only=True)
-    step = source_state["step"]
-    out.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(tok, eos, out, cfg.data.tokenizer)
-    (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "derived_from": record},
-                                                indent=2))
-    meta = {"config": cfg.to_dict(), "param_spec": param_spec(cfg).to_dict(), **record}
-    state = {"step": step, "tokens_seen": source_state.get("tokens_seen", 0), "model_only": True}
-    return save_checkpoint(out, step, weights, state, meta, keep=1)
 
 
 def _transformers() -> Any:
@@ -205,87 +141,3 @@ def load_hf_model(path: Path) -> tuple[nn.Module, Any]:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{path} cannot be loaded by transformers ({first})") from None
     return _Logits(hf_model).eval(), hf_model.config
-
-
-@dataclass
-class EvalSet:
-    """What `sltrain eval` reads: its config (data, batch size, device), the blocks of one split
-    and how many batches of them."""
-
-    cfg: RunConfig
-    device: torch.device
-    blocks: Blocks
-    batches: int
-
-    @property
-    def n_blocks(self) -> int:
-        return min(len(self.blocks), self.batches * self.cfg.train.batch_size)
-
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Token-weighted val_loss, val_ppl and val_tokens of `model` on these blocks."""
-        return evaluate(model.to(self.device), self.blocks, self.cfg.train.batch_size,
-                        self.batches, self.device, autocast_for(self.cfg, self.device))
-
-
-def run_eval_config(run_cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """A run's config with evaluation `overrides` (dotted keys) on top, on the best device."""
-    return load_config(None, {**flatten(run_cfg.to_dict()), "train.device": "auto", **overrides})
-
-
-def check_max_batches(max_batches: int | None) -> None:
-    """Refuse a --max-batches below 1 (before any model or data is loaded)."""
-    if max_batches is not None and max_batches < 1:
-        raise UserError(f"--max-batches {max_batches} must be at least 1; omit it for all blocks")
-
-
-def eval_set(cfg: RunConfig, vocab: int, context: int, tokenizer_dir: Path, split: str = "val",
-             max_batches: int | None = None, split_flag: bool = True) -> EvalSet:
-    """The blocks of `split` of `cfg`'s data, tokenised with the model's tokenizer, for a model
-    of `vocab` ids and `context` positions: `max_batches` of `cfg.train.batch_size` blocks, in
-    order (all when None, see `check_max_batches`). `split_flag`: the command lets the user pick
-    another split."""
-    seq_len = cfg.data.seq_len
-    if seq_len > context:
-        raise UserError(f"--seq-len {seq_len} exceeds the model's {context} positions; pass "
-                        f"--seq-len {context} or less")
-    device = resolve_device(cfg.train.device)
-    # The token budget of a streamed source is the run's (its cached streams are read again).
-    data = prepare(cfg.data, vocab, tokenizer_dir, **prepare_options(cfg))
-    tokens = np.concatenate([data.train, data.val]) if split == "all" else getattr(data, split)
-    blocks = Blocks(tokens, seq_len)
-    if len(blocks) == 0:
-        raise UserError(f"the {split} split is shorter than one block of {seq_len + 1} tokens; "
-                        "lower --seq-len" + (" or pick another --split" if split_flag else ""))
-    batches = math.ceil(len(blocks) / cfg.train.batch_size) if max_batches is None else max_batches
-    return EvalSet(cfg, device, blocks, batches)
-
-
-def perplexity(path: Path, overrides: dict[str, Any] | None = None, split: str = "val",
-               max_batches: int | None = None) -> dict[str, Any]:
-    """Token-weighted mean loss and perplexity of a run, checkpoint or export on a data split.
-
-    `overrides` are dotted config keys (`data.source`, `data.seq_len`, `train.batch_size`,
-    `train.device`, ...) on top of the run's own config; an export records no data source, so it
-    needs `data.source`. `max_batches` of `train.batch_size` blocks, in order; all when None.
-    """
-    overrides = dict(overrides or {})
-    if split not in SPLITS:
-        raise UserError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
-    check_max_batches(max_batches)
-    if is_hf_export(path):
-        if "data.source" not in overrides:
-            raise UserError(f"{path} is a transformers export, which records no data; pass --data")
-        model, hf_config = load_hf_model(path)
-        context, vocab = hf_config.max_position_embeddings, hf_config.vocab_size
-        cfg = load_config(None, {"data.seq_len": context, **overrides})
-        tokenizer_dir, what = path, "transformers export"
-    else:
-        model, run_cfg, ckpt = load_run_model(path)
-        context, vocab = run_cfg.data.seq_len, run_cfg.model_dims()["vocab_size"]
-        cfg = run_eval_config(run_cfg, overrides)
-        tokenizer_dir, what = ckpt.parent.parent, f"checkpoint {ckpt.name}"
-    es = eval_set(cfg, vocab, context, tokenizer_dir, split, max_batches)
-    result = es.evaluate(model)
-    return {"model": str(path), "kind": what, "data": cfg.data.source, "split": split,
-            "seq_len": cfg.data.seq_len, "blocks": es.n_blocks,
-            "loss": result["val_loss"], "ppl": result["val_ppl"], "tokens": result["val_tokens"]}

@@ -26,9 +26,10 @@ from sltrain.config import RunConfig, build_config
 from sltrain.data.tokenizer import fingerprint as tokenizer_fingerprint
 from sltrain.data.tokenizer import load_tokenizer
 from sltrain.errors import UserError
-from sltrain.export import check_max_batches, eval_set, load_run_model, run_eval_config, save_model_run
+from sltrain.evaluate import check_max_batches, eval_set, run_eval_config
 from sltrain.model import build_model
 from sltrain.parametrize import merge
+from sltrain.run.folder import load_run_model, save_model_run
 
 RECIPES = ("uniform", "greedy")
 SOUP_FILE = "soup.json"

@@ -26,7 +26,7 @@ from sltrain.bench.report import render
 from sltrain.bench.suite import RunSpec, Suite, load_suite
 from sltrain.config import flatten, load_config, saved_config
 from sltrain.errors import UserError
-from sltrain.train.checkpoint import list_checkpoints
+from sltrain.run.checkpoint import list_checkpoints
 
 COLUMNS = [
     "suite", "run", "variant", "seed", "status", "method", "optimizer", "per_layer_updates",

@@ -41,7 +41,9 @@ from sltrain.config import RunConfig
 from sltrain.data import PreparedData, prepare, prepare_options, tokens
 from sltrain.data import tokenizer as bpe
 from sltrain.data.packing import Blocks
+from sltrain.device import autocast_for, resolve_device
 from sltrain.errors import UserError
+from sltrain.run.folder import load_run_model
 from sltrain.train.losses import IGNORE_INDEX, cross_entropy
 
 METHODS = ("el2n", "grand")
@@ -99,8 +101,6 @@ def score_blocks(model: nn.Module, blocks: Blocks, n: int, method: str, batch_si
 
 def _load(paths: Sequence[Path]) -> list[tuple[nn.Module, RunConfig, Path]]:
     """The models of the runs/checkpoints, refusing ones that did not train on the same data."""
-    from sltrain.export import load_run_model
-
     if not paths:
         raise UserError("no run to score with; pass one or more run or checkpoint folders")
     loaded = [load_run_model(path) for path in paths]
@@ -120,8 +120,6 @@ def score_runs(paths: Sequence[Path], method: str, max_blocks: int | None = None
                progress: bool = False) -> tuple[np.ndarray, PreparedData, RunConfig, list[str]]:
     """The scores of the run's training blocks (the first `max_blocks`) averaged over the models
     of `paths`, the run's data, the first run's config and the checkpoints used."""
-    from sltrain.train.loop import autocast_for, resolve_device
-
     if method not in METHODS:
         raise UserError(f"unknown scoring method '{method}'; use one of {', '.join(METHODS)}")
     if max_blocks is not None and max_blocks < 1:

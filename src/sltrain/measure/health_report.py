@@ -12,8 +12,8 @@ from typing import Any
 
 from sltrain.data import Blocks, prepare, prepare_options
 from sltrain.errors import UserError
-from sltrain.export import load_run_model
 from sltrain.measure.health import health_record, plot_spectra, weight_spectra
+from sltrain.run.folder import load_run_model
 
 
 def health_report(run: Path, out: Path | None = None, blocks: int = 16,

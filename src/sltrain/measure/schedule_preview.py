@@ -11,7 +11,8 @@ from typing import Any
 
 from sltrain.config import RunConfig, load_config
 from sltrain.errors import UserError
-from sltrain.train.schedule import SCHEDULES, multiplier
+from sltrain.registry import SCHEDULES
+from sltrain.train.schedule import multiplier
 
 
 def key_steps(cfg: RunConfig) -> list[tuple[str, int]]:

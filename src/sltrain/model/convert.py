@@ -94,7 +94,7 @@ CONVERTERS = {"pre_rmsnorm": to_pre_rmsnorm, "pre_crmsnorm": to_pre_crmsnorm}
 def convert_run(path: Path, to: str, out: Path) -> dict[str, Any]:
     """`sltrain convert`: the newest checkpoint of a Pre-LN run (or a checkpoint folder) written
     to `out` as an equivalent dense run with norm `to`, which eval, export and --init-from read."""
-    from sltrain.export import load_run_model, save_model_run  # export builds on the model
+    from sltrain.run.folder import load_run_model, save_model_run  # run/ builds on the model
 
     if to not in CONVERTERS:
         raise UserError(f"unknown target norm '{to}'; choose one of {', '.join(CONVERTERS)}")

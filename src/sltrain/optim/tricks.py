@@ -184,19 +184,34 @@ class CycleTricks:
         self.reset_momentum = opt.reset_momentum
         self.state_prune = opt.state_prune
         self.resets = bool(self.every) and (bool(self.relora) or self.refactor or self.reset_momentum)
+        self.start_at(start_step)
+
+    def start_at(self, step: int) -> None:
+        """Continue after `step` completed update steps: the warm start is on only before its end."""
+        self.step = step
         if self.warm_start:
-            warm = start_step < self.warm_start
-            if warm and not all(_holds(optimizer, m.weight) and _holds(optimizer, m.A) for m in self.relora):
+            warm = step < self.warm_start
+            if warm and not all(_holds(self.optimizer, m.weight) and _holds(self.optimizer, m.A)
+                                for m in self.relora):
                 raise RuntimeError("the ReLoRA warm start needs an optimizer over dense weights and "
                                    "factors; call include_warm_start_params before building it")
             for layer in self.relora:
                 layer.set_warm_start(warm)
+
+    def state_dict(self) -> dict[str, int]:
+        # Everything else the tricks do follows from the step (ReLoRA's fresh factors are seeded
+        # by the run, the layer and the step), so the step is their whole state.
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.start_at(state["step"])
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def after_step(self, step: int) -> dict[str, int]:
         """Apply whatever falls due after update `step` (1-based); returns what happened."""
+        self.step = step
         events: dict[str, int] = {}
         if self.warm_start and step == self.warm_start:
             for layer in self.relora:

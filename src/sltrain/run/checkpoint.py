@@ -83,19 +83,27 @@ def find_checkpoint(path: Path) -> Path:
 def load_weights(ckpt: Path, apply: Callable[[dict[str, torch.Tensor]], Any]) -> None:
     """Read a checkpoint's weights (support included) and hand them to `apply` (e.g. a model's
     `load_state_dict`); a missing, damaged or mismatched file is one UserError."""
-    with _refusing_damage(ckpt):
+    with refusing_damage(ckpt):
         apply(load_file(str(ckpt / MODEL_FILE)))
 
 
 def load_checkpoint(ckpt: Path, apply: Callable[[dict[str, torch.Tensor]], Any]) -> dict[str, Any]:
     """Load the weights through `apply` (see `load_weights`); return the training state."""
     load_weights(ckpt, apply)
-    with _refusing_damage(ckpt):
+    with refusing_damage(ckpt):
         return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def read_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's training state with its weights under "model" (what TrainState loads)."""
+    weights: dict[str, torch.Tensor] = {}
+    state = load_checkpoint(ckpt, weights.update)
+    return {**state, "model": weights}
+
+
 @contextlib.contextmanager
-def _refusing_damage(ckpt: Path) -> Iterator[None]:
+def refusing_damage(ckpt: Path) -> Iterator[None]:
+    """A missing or unloadable file of `ckpt` (or weights of another shape) as one UserError."""
     try:
         yield
     except FileNotFoundError as e:

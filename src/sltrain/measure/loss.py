@@ -1,4 +1,5 @@
-"""Validation loss and perplexity over a fixed, ordered set of held-out blocks."""
+"""Language-model loss: per-token cross-entropy, and the validation loss and perplexity of a
+model over a fixed, ordered set of held-out blocks (what training, `eval` and `soup` report)."""
 
 from __future__ import annotations
 
