@@ -48,3 +48,26 @@ def assert_one_line_error(capsys, code, *needles):
     assert len(lines) == 1 and lines[0].startswith("sltrain: error: "), err
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+class LiveGradients:
+    """Watches a real backward: each time a parameter's gradient completes, the bytes and number
+    of the gradients then alive (`p.grad` set); `peak_bytes`/`peak_count` are the most at once.
+    Install it before building an optimizer that frees gradients in its own hooks (per-layer
+    updates): hooks run in the order registered, so this one sees each gradient before it goes."""
+
+    def __init__(self, model) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.peak_bytes = self.peak_count = 0
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._hook)
+
+    def alive(self) -> list:
+        return [p.grad for p in self.params if p.grad is not None]
+
+    def alive_bytes(self) -> int:
+        return sum(g.numel() * g.element_size() for g in self.alive())
+
+    def _hook(self, p) -> None:
+        self.peak_bytes = max(self.peak_bytes, self.alive_bytes())
+        self.peak_count = max(self.peak_count, len(self.alive()))

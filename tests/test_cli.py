@@ -109,5 +109,78 @@ def test_example_config_is_the_default_run():
     example = Path(__file__).resolve().parents[1] / "configs" / "sltrain-cpu.toml"
     cfg = load_config(example)
     default = RunConfig()
+    # The file writes out rank, alpha and density, which the default leaves to be derived: the
+    # same values, and every other method setting the default's.
+    written = {"rank": 64, "lora_alpha": 32, "density": 0.03}
+    assert cfg.method.model_dump() == {**default.method.model_dump(), **written}
     assert cfg.to_dict() == {**default.to_dict(), "method": cfg.method.model_dump()}
     assert (cfg.rank, cfg.lora_alpha, cfg.density) == (default.rank, default.lora_alpha, default.density)
+    assert (default.rank, default.lora_alpha, default.density) == tuple(written.values())
+
+
+def _train_help(capsys, monkeypatch) -> str:
+    from sltrain.cli import main
+
+    monkeypatch.setenv("COLUMNS", "100000")  # one line per flag: no names broken by wrapping
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--help"])
+    assert stop.value.code == 0
+    return capsys.readouterr().out
+
+
+def _flag_help(text: str, flag: str) -> str:
+    """The help of `flag`: on its line, or on the next one when its spellings fill the first."""
+    lines = text.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{flag} "))
+    return lines[i] + (lines[i + 1] if lines[i + 1].startswith(" " * 10) else "")
+
+
+def test_train_help_lists_every_registered_method_and_optimizer(capsys, monkeypatch):
+    from sltrain.registry import METHODS, OPTIMIZERS
+
+    text = _train_help(capsys, monkeypatch)
+    for registry, flag in ((METHODS, "--method"), (OPTIMIZERS, "--optimizer")):
+        line = _flag_help(text, flag)
+        assert len(registry.entries()) > 3
+        for entry in registry.entries():
+            assert (f"{entry.name}: {entry.doc}" if entry.doc else entry.name) in line, entry.name
+    assert "method.rank: rank r of the B @ A factors" in _flag_help(text, "--rank")
+
+
+def test_an_option_a_test_registers_becomes_a_flag_and_a_validated_key(capsys, monkeypatch):
+    from contextlib import contextmanager
+
+    import torch
+    from pydantic import Field
+
+    from sltrain.cli import _overrides, build_parser, main
+    from sltrain.config import load_config
+    from sltrain.errors import UserError
+    from sltrain.registry import OPTIMIZERS, Options
+
+    class KnobOptions(Options):
+        test_knob: float = Field(0.25, gt=0, description="a knob only this test's optimizer has")
+
+    @contextmanager
+    def registered():
+        OPTIMIZERS.names()  # the built-ins first, as in a real run
+        OPTIMIZERS.register("test_opt", torch.optim.SGD, options=KnobOptions, doc="throwaway")
+        try:
+            yield
+        finally:
+            OPTIMIZERS.unregister("test_opt")
+
+    with registered():
+        text = _train_help(capsys, monkeypatch)
+        assert "test_opt: throwaway" in _flag_help(text, "--optimizer")
+        assert ("optimizer.test_knob: a knob only this test's optimizer has (default: 0.25)"
+                in _flag_help(text, "--test-knob"))
+        args = build_parser().parse_args(["train", "--optimizer", "test_opt", "--test-knob", "0.5"])
+        cfg = load_config(None, _overrides(args))
+        assert cfg.optimizer.test_knob == 0.5 and cfg.optimizer.options() == KnobOptions(test_knob=0.5)
+        assert main(["train", "--optimizer", "test_opt", "--test-knob", "-1"]) == 2
+        err = capsys.readouterr().err
+        assert "optimizer.test_knob" in err and "greater than 0" in err
+    assert "--test-knob" not in _train_help(capsys, monkeypatch)
+    with pytest.raises(UserError, match="unknown config key 'optimizer.test_knob'"):
+        load_config(None, {"optimizer.test_knob": 0.5})

@@ -1,6 +1,7 @@
 """Crash safety: SIGKILL mid-checkpoint, SIGTERM, non-finite losses, --resume auto, wrong run dirs."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -9,12 +10,12 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import sltrain.train.losses as losses_module
 from sltrain.cli import main
 from sltrain.config import load_config
 from sltrain.errors import UserError
+from sltrain.registry import LOSSES
 from sltrain.train import train
 from sltrain.train.checkpoint import list_checkpoints, load_checkpoint
 
@@ -84,31 +85,100 @@ def test_sigterm_saves_a_resumable_checkpoint(base, tmp_path):
     assert [s for s, _ in losses(run)] == list(range(1, 401))
 
 
-def test_nonfinite_losses_skip_their_step_and_stop_after_k_in_a_row(base, tmp_path, monkeypatch):
+def assert_identical(a, b, where="state"):
+    """`a` and `b` hold the same keys, and tensors equal bit for bit (same dtype and shape)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, set(a) ^ set(b))
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+def poison(monkeypatch, bad):
+    """Make the training loss NaN on the loss calls `bad(n)` picks (n counts from 1)."""
     real, calls = losses_module.cross_entropy, [0]
 
-    def poisoned(bad):
-        def lm_loss(logits, targets, reduction="mean"):
-            calls[0] += 1
-            loss = real(logits, targets, reduction)
-            return loss * float("nan") if bad(calls[0]) else loss
-        return lm_loss
+    def lm_loss(logits, targets, reduction="mean"):
+        calls[0] += 1
+        loss = real(logits, targets, reduction)
+        return loss * float("nan") if bad(calls[0]) else loss
 
-    monkeypatch.setitem(losses_module.LOSSES, "cross_entropy", poisoned(lambda n: n in (3, 4)))
-    summary = train(load_config(None, {**base, "train.out_dir": str(tmp_path / "a")}))
+    monkeypatch.setattr(LOSSES["cross_entropy"], "obj", lm_loss)
+
+
+def checkpoint_at(run, step):
+    weights = {}
+    state = load_checkpoint(run / "checkpoints" / f"step_{step:07d}", weights.update)
+    return weights, state
+
+
+def lrs(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["lr"] for r in map(json.loads, lines) if "lr" in r}
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_nonfinite_losses_skip_their_step_and_stop_after_k_in_a_row(base, tmp_path, monkeypatch,
+                                                                     per_layer):
+    # Per-layer updates step inside backward, before the loop sees the loss: their hooks must
+    # skip on their own.
+    base = {**base, "train.save_every": 1, "train.keep_checkpoints": 100,
+            **({"optimizer.per_layer_updates": True, "optimizer.grad_clip": 0.0} if per_layer else {})}
+    clean = tmp_path / "clean"
+    train(load_config(None, {**base, "train.out_dir": str(clean)}))
+
+    # The 3rd and 4th update attempts are NaN: skipped, and the run goes on to its 8 updates.
+    poison(monkeypatch, lambda n: n in (3, 4))
+    run = tmp_path / "a"
+    summary = train(load_config(None, {**base, "train.out_dir": str(run)}))
     assert summary["status"] == "finished" and summary["step"] == 8
-    assert summary["skipped_nonfinite"] == 2 and summary["val_loss"] < 10
-    assert [s for s, _ in losses(tmp_path / "a")] == list(range(1, 9))
+    assert summary["skipped_nonfinite"] == 2 and math.isfinite(summary["val_loss"])
+    assert summary["tokens_seen"] == 8 * 8 * 32  # skipped attempts are not counted as trained
+    assert [s for s, _ in losses(run)] == list(range(1, 9))
+    assert all(math.isfinite(v) for _, v in losses(run))
+    # The schedule did not advance on the skipped attempts: update k runs at the clean run's rate.
+    assert lrs(run) == lrs(clean) and len(set(lrs(clean).values())) > 4
+    weights, state = checkpoint_at(run, 8)
+    assert state["scheduler"]["last_epoch"] == 8
+    optim_states = (state["optimizer"]["per_parameter"] if per_layer else [state["optimizer"]])
+    steps = {float(s["step"]) for o in optim_states for s in o["state"].values()}
+    assert steps == {8.0}  # every parameter's optimizer counted exactly the 8 real updates
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    # After the skip the run kept training: the updates from step 2 on moved the weights.
+    assert any(not torch.equal(t, checkpoint_at(run, 2)[0][k]) for k, t in weights.items())
 
-    calls[0] = 0
-    monkeypatch.setitem(losses_module.LOSSES, "cross_entropy", poisoned(lambda n: n > 5))
+    # From the 6th attempt on every loss is NaN: after 3 in a row the run stops with the state
+    # the three skipped attempts left behind, saved as step 5. It must be, tensor by tensor, the
+    # state the clean run (same seed, same first 5 batches) saved right after its 5th update:
+    # weights, optimizer state (moments and step counts) and scheduler state (lr, last_epoch).
+    poison(monkeypatch, lambda n: n > 5)
     run = tmp_path / "b"
     with pytest.raises(UserError, match="3 update steps in a row at step 6.*lower --lr"):
         train(load_config(None, {**base, "train.out_dir": str(run), "train.max_nonfinite_steps": 3}))
-    last = list_checkpoints(run)[-1]
-    assert last.name == "step_0000005"
-    # The saved weights are the last good ones: all finite.
-    assert all(torch.isfinite(t).all() for t in load_file(str(last / "model.safetensors")).values())
+    assert list_checkpoints(run)[-1].name == "step_0000005"
+    (weights, state), (want_weights, want_state) = checkpoint_at(run, 5), checkpoint_at(clean, 5)
+    assert_identical(weights, want_weights, "weights")
+    assert_identical(state["optimizer"], want_state["optimizer"], "optimizer")
+    assert_identical(state["scheduler"], want_state["scheduler"], "scheduler")
+    assert state["step"] == 5 and state["tokens_seen"] == want_state["tokens_seen"]
+    assert state["skipped_nonfinite"] == 3
+    # ... and the comparison can tell states apart: the clean run's step 4 is another state.
+    with pytest.raises(AssertionError):
+        assert_identical(weights, checkpoint_at(clean, 4)[0])
+
+    # The stopped run continues from that state to its end once the losses are finite again.
+    monkeypatch.undo()
+    summary = train(load_config(None, {**base, "train.out_dir": str(run)}), resume=run)
+    assert summary["status"] == "finished" and summary["step"] == 8
+    assert [s for s, _ in losses(run)] == list(range(1, 9))
 
 
 def test_resume_auto_and_run_folders_of_another_config(base, tmp_path, capsys):

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import LiveGradients
 
 from sltrain.config import OptimizerConfig, load_config
 from sltrain.errors import UserError
@@ -76,12 +77,14 @@ CASES = [(name, method, False) for name in OPTIMIZERS for method in ("full", "sl
 def test_state_bytes_from_shapes_equal_the_state_dict(name, method, per_layer):
     extra = {"per_layer_updates": True, "grad_clip": 0.0} if per_layer else {}
     model, cfg = setup(method, name=name, proj_rank=8, **extra)
+    watch = LiveGradients(model)
     opt = build_optimizer(model, cfg.optimizer, cfg.rank)
     run(model, opt, batches(2))
     live = measure_memory(model, opt)
     meta = build_model(cfg, torch.device("meta"))
     estimate = estimate_memory(meta, torch.float32, cfg.optimizer, cfg.rank)
     assert estimate == live
+    assert estimate.gradients == watch.peak_bytes  # the most a real backward held at once
     assert live.optimizer_states > 0
 
 
@@ -94,13 +97,30 @@ def test_eight_bit_states_are_about_a_quarter_of_adamw():
     assert 0.25 < eight / full < 0.27  # 1 byte + 4/256 of absmax per 4-byte moment
 
 
-def test_per_layer_gradients_are_one_tensor_at_a_time_without_accumulation():
-    model, cfg = setup("full", per_layer_updates=True, grad_clip=0.0)
+@pytest.mark.parametrize("method", ["full", "sltrain"])
+@pytest.mark.parametrize("accum", [1, 4])
+def test_per_layer_gradients_are_one_tensor_at_a_time_without_accumulation(method, accum):
+    """The gradient bytes the estimate states are the most a real backward holds at once: with
+    per-layer updates and no accumulation, one gradient (the largest); with accumulation, all."""
+    model, cfg = setup(method, per_layer_updates=True, grad_clip=0.0)
+    watch = LiveGradients(model)  # before the optimizer: it sees each gradient before it is freed
+    opt = build_optimizer(model, cfg.optimizer, cfg.rank, grad_accum=accum)
+    sizes = {}
+    for x in batches(accum):
+        loss_of(model, x).backward()
+        sizes |= {id(p): p.grad.numel() * p.grad.element_size()
+                  for p in watch.params if p.grad is not None}
     meta = build_model(cfg, torch.device("meta"))
-    one = estimate_memory(meta, torch.float32, cfg.optimizer, grad_accum=1).gradients
-    four = estimate_memory(meta, torch.float32, cfg.optimizer, grad_accum=4).gradients
-    assert one == max(p.numel() for p in meta.parameters()) * 4
-    assert four == sum(p.numel() for p in meta.parameters()) * 4
+    estimate = estimate_memory(meta, torch.float32, cfg.optimizer, grad_accum=accum).gradients
+    assert watch.peak_bytes == estimate
+    assert not watch.alive()  # after the last micro-batch every gradient was stepped and freed
+    if accum == 1:  # each freed before the next one completes
+        assert watch.peak_count == 1
+        assert watch.peak_bytes == max(p.numel() for p in model.parameters()) * 4
+    else:  # kept between micro-batches: all of them at once
+        assert watch.peak_count == len(watch.params) == len(sizes)
+        assert watch.peak_bytes == sum(sizes.values())
+    assert opt.grad_accum == accum
 
 
 @pytest.mark.parametrize("name", ["adamw", "galore", "muon"])

@@ -1,4 +1,5 @@
-"""Learning-rate schedules: values against their closed forms, continuity, the CLI, a training run."""
+"""Learning-rate schedules: values against hand-computed closed forms and torch's schedulers,
+continuity, the CLI, a training run."""
 
 from __future__ import annotations
 
@@ -27,17 +28,39 @@ def test_every_schedule_is_registered_and_tested():
     assert set(SCHEDULES) == set(OPTIONS)
 
 
-def _old_cosine(step, total, warmup, min_lr_ratio):  # the function before this change, verbatim
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+@pytest.mark.parametrize("total,warmup,min_lr,expected", [
+    # T=1000, W=100, r=0.1: the warm-up climbs 1/100 a step; the decay is p = (s-100)/900.
+    (1000, 100, 0.1, {0: 0.01, 49: 0.5, 99: 1.0, 100: 1.0,
+                      325: 0.1 + 0.45 * (1 + 2**-0.5),  # p = 1/4: cos = 1/sqrt(2)
+                      550: 0.55,  # p = 1/2: cos = 0
+                      775: 0.1 + 0.45 * (1 - 2**-0.5),  # p = 3/4
+                      1000: 0.1, 1001: 0.1, 5000: 0.1}),  # past the end it stays at r
+    (10, 0, 0.5, {0: 1.0, 5: 0.75, 10: 0.5}),  # no warm-up: decay from step 0
+    (250, 25, 0.0, {24: 1.0, 25 + 75: 0.75, 25 + 150: 0.25, 250: 0.0}),  # p = 1/3: cos = 1/2
+])
+def test_cosine_matches_hand_computed_values(total, warmup, min_lr, expected):
+    for step, want in expected.items():
+        assert cosine(step, total, warmup, min_lr) == pytest.approx(want, abs=1e-12), step
 
 
-@pytest.mark.parametrize("total,warmup,min_lr", [(1000, 100, 0.1), (250, 25, 0.0), (10, 0, 0.5)])
-def test_cosine_is_unchanged(total, warmup, min_lr):
-    for step in range(total + 2):
-        assert cosine(step, total, warmup, min_lr) == _old_cosine(step, total, warmup, min_lr)
+@pytest.mark.parametrize("total,warmup,min_lr", [(1000, 100, 0.1), (250, 25, 0.0), (10, 0, 0.5),
+                                                  (7, 1, 0.2), (20, 3, 0.1)])
+def test_cosine_equals_torchs_linear_warmup_then_cosine_annealing(total, warmup, min_lr):
+    """torch's own schedulers, composed: LinearLR from 1/W to 1 over the W warm-up updates (so
+    update s < W runs at (s+1)/W), then CosineAnnealingLR from the peak to r * peak over T - W."""
+    peak = 2.0
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    anneal = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warmup, eta_min=min_lr * peak)
+    reference = anneal
+    if warmup:
+        ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, end_factor=1.0,
+                                                 total_iters=max(1, warmup - 1))
+        reference = torch.optim.lr_scheduler.SequentialLR(opt, [ramp, anneal], milestones=[warmup])
+    for step in range(total + 1):  # past T torch's cosine climbs again; ours stays at r
+        assert cosine(step, total, warmup, min_lr) == pytest.approx(
+            opt.param_groups[0]["lr"] / peak, rel=1e-12, abs=1e-14), step
+        opt.step()
+        reference.step()
 
 
 @pytest.mark.parametrize("shape,expected", [
@@ -160,6 +183,10 @@ def test_power_with_linear_decay_may_reach_zero():
     cfg = load_config(None, {"schedule.name": "power", "schedule.power_decay": "linear",
                              "schedule.min_lr_ratio": 0.0})
     assert cfg.schedule.min_lr_ratio == 0.0
+    opts = {**OPTIONS["power"], "power_decay": "linear"}  # decays linearly to 0 at the last step
+    start = SCHEDULES["power"].obj(80, 100, 10, 0.0, **opts)
+    assert SCHEDULES["power"].obj(90, 100, 10, 0.0, **opts) == pytest.approx(0.5 * start)
+    assert SCHEDULES["power"].obj(100, 100, 10, 0.0, **opts) == 0.0
 
 
 def test_cli_prints_key_steps_and_writes_a_plot(tmp_path, capsys):

@@ -101,15 +101,49 @@ def test_merge_equals_forward():
         torch.testing.assert_close(merged(x), layer(x), rtol=1e-12, atol=1e-12)
 
 
-def test_bf16_autocast_close_to_float32():
+BF16_ROUNDING = 2**-8  # bf16 keeps 8 significant bits: rounding moves a value by <= 2^-8 of it
+
+
+def test_bf16_autocast_matches_a_dense_layer_under_the_same_autocast():
+    """Reference: F.linear with the merged float32 weight (composed outside autocast, as the
+    layer composes it), run under the same bf16 autocast, so both sides round x and W to bf16."""
+    torch.manual_seed(0)
     layer = make_layer(dtype=torch.float32)
-    x = torch.randn(8, 24, requires_grad=True)
+    x = torch.randn(8, 7, 24, requires_grad=True)
+    target = torch.randn(8, 7, 20)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
-    assert layer.values.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
-    torch.testing.assert_close(y.float(), layer(x), rtol=0.05, atol=0.05)
+    (y.float() * target).sum().backward()
+    ours = [x.grad.clone(), layer.A.grad.clone(), layer.B.grad.clone(), layer.values.grad.clone()]
+    assert all(g.dtype == torch.float32 for g in ours)
+    for t in (x, layer.A, layer.B, layer.values):
+        t.grad = None
+    weight = dense_reference(layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = torch.nn.functional.linear(x, weight)
+    assert y_ref.dtype == torch.bfloat16
+    (y_ref.float() * target).sum().backward()
+    grad_x, grad_A, grad_B, grad_values = x.grad, layer.A.grad, layer.B.grad, layer.values.grad
+
+    # y, dx and dvalues are the same bf16 products on both sides (y = x W^T, dx = g W, dvalues =
+    # (g^T x) at the support): at most one bf16 rounding step (2^-7 of the value) apart, where a
+    # kernel sums in another order before rounding (atol: float32 sums of values of order 1).
+    one_step = dict(rtol=2 * BF16_ROUNDING, atol=1e-5)
+    torch.testing.assert_close(y.float(), y_ref.float(), **one_step)
+    torch.testing.assert_close(ours[0], grad_x, **one_step)
+    torch.testing.assert_close(ours[3], grad_values, **one_step)
+
+    # dB = s G A^T and dA = s B^T G from G = g^T x (bf16, shared): ours multiplies in bf16, with
+    # A (or B) rounded to bf16 (<= 2^-8 of each term) and the product rounded to bf16 (<= 2^-8 of
+    # it); the reference multiplies in float32. So each entry is off by at most 2^-8 of the sum of
+    # the terms' magnitudes plus 2^-8 of itself, which bounds the cancellation too.
+    G = target.bfloat16().reshape(-1, 20).t() @ x.detach().bfloat16().reshape(-1, 24)
+    G, A, B, s = G.float().abs(), layer.A.detach().abs(), layer.B.detach().abs(), layer.scaling
+    for got, want, terms in ((ours[2], grad_B, s * G @ A.t()), (ours[1], grad_A, s * B.t() @ G)):
+        bound = BF16_ROUNDING * (terms + want.abs())
+        assert ((got - want).abs() <= bound).all(), ((got - want).abs() / bound).max()
+        assert (got - want).norm() <= 2 * BF16_ROUNDING * want.norm()  # measured: about 0.0025
 
 
 def test_dense_weight_is_not_kept_for_backward():

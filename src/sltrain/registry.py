@@ -39,7 +39,7 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Entry:
     """One registered part. `validate(cfg)` (optional) refuses a RunConfig this entry cannot run."""
 
@@ -83,6 +83,13 @@ class Registry:
         self._entries[name] = Entry(name, obj, options, doc, validate, info)
         self._options_model = None
         return obj
+
+    def unregister(self, name: str) -> Entry:
+        """Remove entry `name` (a plugin's, or one a test registered) and return it."""
+        self._load()
+        entry = self._entries.pop(name)
+        self._options_model = None
+        return entry
 
     def _check_consistent(self, name: str, options: type[Options]) -> None:
         for other in self._entries.values():

@@ -22,7 +22,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sltrain.bench.suite import RunSpec, Suite
+from sltrain.bench.report import render
+from sltrain.bench.suite import RunSpec, Suite, load_suite
 from sltrain.config import flatten, load_config, saved_config
 from sltrain.errors import UserError
 from sltrain.train.checkpoint import list_checkpoints
@@ -252,6 +253,29 @@ class SuiteRunner:
         bar.close()
         self.write_results()
         return [self.rows[r.name] for r in self.runs if r.name in done_now]
+
+
+def run_suite(name: str, out: Path | None = None, seeds: list[int] | None = None,
+              only: list[str] | None = None, jobs: int = 1, overrides: dict[str, Any] | None = None,
+              dry_run: bool = False, report_dir: Path | None = None) -> dict[str, Any]:
+    """`sltrain bench SUITE`: run the suite `name` (built-in or a file) into `out` (default
+    runs/bench-SUITE) with `overrides` on every run, then write its report. Returns `commands`
+    (all that a dry run does), or the result `rows`, the `results` and `report` paths and whether
+    the suite was `interrupted`."""
+    suite = load_suite(name)
+    extra = dict(overrides or {})
+    progress = extra.pop("train.progress", True) not in (False, "false", "0", "no")  # the suite's bar
+    for key in ("train.seed", "train.out_dir"):
+        if key in extra:
+            raise UserError(f"a suite sets {key} for each run; use --seeds and --out instead")
+    out = out or Path(f"runs/bench-{suite.name}")
+    runner = SuiteRunner(suite, out, suite.runs(seeds, only), jobs, extra, progress=progress)
+    if dry_run:
+        return {"commands": ["sltrain " + " ".join(runner.command(r)) for r in runner.runs]}
+    runner.check_reusable()
+    rows = runner.run()
+    return {"commands": [], "rows": rows, "out": str(out), "results": str(out / "results.csv"),
+            "report": str(render(out, report_dir)), "interrupted": runner.stopping.is_set()}
 
 
 def _gpu_count() -> int:

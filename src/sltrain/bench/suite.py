@@ -105,6 +105,11 @@ def builtin_suites() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".toml")}
 
 
+def list_suites() -> list[Suite]:
+    """The built-in suites, by name (`sltrain bench list`)."""
+    return [load_suite(str(path)) for _, path in sorted(builtin_suites().items())]
+
+
 def _dotted(table: dict[str, Any], where: str) -> dict[str, Any]:
     flags = flag_table()
     out = {}

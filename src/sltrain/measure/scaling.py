@@ -205,3 +205,31 @@ def plot(fit: ScalingFit, N: np.ndarray, D: np.ndarray, L: np.ndarray, out: Path
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def fit_runs(run_dirs: list[Path], params: str = "avg", samples: int = 200,
+             at: tuple[float, float] | None = None, plot_to: Path | None = None,
+             json_to: Path | None = None) -> dict[str, Any]:
+    """`sltrain scaling fit`: fit the law to the runs' summaries, with `samples` bootstrap
+    intervals, each run's residual, the loss predicted at (N, D) = `at`, and optionally a plot
+    and the report as JSON. Returns the report (plus the paths written as `plot` and `json`)."""
+    runs, notes = read_runs(run_dirs, params)
+    N, D, L = (np.array([r[k] for r in runs]) for k in "NDL")
+    law = fit(N, D, L)
+    if samples:
+        law.intervals = bootstrap(N, D, L, samples, full=law)
+    residuals = [{**r, "predicted": float(p), "residual": float(np.log(r["L"] / p))}
+                 for r, p in zip(runs, predict(law, N, D), strict=True)]
+    report: dict[str, Any] = {"law": "E + A/N^alpha + B/D^beta", "params": params,
+                              "fit": law.to_dict(), "runs": residuals, "notes": notes}
+    if at:
+        loss = float(predict(law, *at))
+        report["prediction"] = {"N": at[0], "D": at[1], "loss": loss, "ppl": float(np.exp(loss))}
+    written = {}
+    if plot_to:
+        written["plot"] = str(plot(law, N, D, L, plot_to))
+    if json_to:
+        json_to.parent.mkdir(parents=True, exist_ok=True)
+        json_to.write_text(json.dumps(report, indent=2))
+        written["json"] = str(json_to)
+    return {**report, **written}
