@@ -197,3 +197,34 @@ def test_galore_paper_memory_estimates(preset):
         mem = estimate_memory(meta, torch.bfloat16, cfg.optimizer, cfg.rank)
         gib = (mem.weights + mem.optimizer_states) / 2**30
         assert abs(gib / published - 1) < 0.10, (preset, method, name, gib, published)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_optimizer_declares_the_moments_it_creates(name):
+    """Every state tensor of a parameter's shape is a moment the optimizer names in its
+    `moment_keys`, so the cycle tricks reset it: a new optimizer that forgets one fails here."""
+    from sltrain.optim.per_layer import PerLayerOptimizer
+    from sltrain.optim.tricks import prune_state_
+
+    model, cfg = setup("sltrain", name=name, proj_rank=8, update_proj_gap=10)
+    opt = build_optimizer(model, cfg.optimizer, cfg.rank)
+    run(model, opt, batches(2))
+    declared = getattr(type(opt), "moment_keys", None)
+    assert declared, f"{type(opt).__name__} declares no moment_keys"
+    params = [p for p in model.parameters() if p.requires_grad]
+    moments = [(opt.state[p], key) for p in params for key, v in opt.state[p].items()
+               if isinstance(v, torch.Tensor) and v.shape == p.shape
+               and (v.is_floating_point() or v.dtype == torch.uint8)]
+    assert moments
+    for _, key in moments:
+        assert key.endswith(tuple(declared)), f"{name} keeps an undeclared moment '{key}'"
+    assert prune_state_(opt, params, 1.0) > 0
+    for state, key in moments:
+        v = state[key]
+        if v.dtype == torch.uint8:  # 8-bit codes: every one now the code of zero
+            assert torch.all(state["qmap" + key[-1]][v.long()] == 0), key
+        else:
+            assert v.count_nonzero() == 0, key
+    wrapper = PerLayerOptimizer(opt)
+    wrapper.remove_hooks()
+    assert wrapper.moment_keys == tuple(declared)  # the per-layer wrapper delegates

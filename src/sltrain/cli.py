@@ -81,6 +81,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from sltrain.measure import count_parameters, estimate_memory
     from sltrain.measure.memory import DTYPES
     from sltrain.model import build_model
+    from sltrain.parametrize.base import FactoredLinear
 
     cfg = load_config(None, _overrides(args))
     model = build_model(cfg, device="meta")
@@ -88,26 +89,21 @@ def cmd_memory(args: argparse.Namespace) -> int:
     mem = estimate_memory(model, DTYPES[args.dtype], cfg.optimizer, cfg.rank)
     report = {"preset": cfg.model.preset, "method": cfg.method.name, "dtype": args.dtype,
               "optimizer": cfg.optimizer.name, "params": counts, "bytes": mem.to_dict()}
-    if cfg.method.name not in ("full", "sparse"):
-        report.update(rank=cfg.rank, lora_alpha=cfg.lora_alpha)
-    if cfg.method.name in ("sltrain", "sparse", "lost"):
-        report["density"] = cfg.density
+    # The chosen method's own options (rank, lora_alpha, density, ...), the preset's where unset.
+    options = cfg.method_options()
+    report.update({k: v for k, v in options.items() if k not in report})
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    knobs = {"full": "", "lowrank": f" (rank {cfg.rank})",
-             "sltrain": f" (rank {cfg.rank}, alpha {cfg.lora_alpha:g}, density {cfg.density:g})",
-             "relora": f" (rank {cfg.rank}, alpha {cfg.lora_alpha:g})",
-             "sparse": f" (density {cfg.density:g}, {cfg.method.mask} mask)",
-             "lost": f" (rank {cfg.rank}, density {cfg.density:g})"}
-    print(f"{cfg.model.preset} x {cfg.method.name}{knobs[cfg.method.name]}, "
+    knobs = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in options.items())
+    print(f"{cfg.model.preset} x {cfg.method.name}{f' ({knobs})' if knobs else ''}, "
           f"{args.dtype} weights and states, {cfg.optimizer.name}"
           + (" with per-layer updates" if cfg.optimizer.per_layer_updates else ""))
     print(f"parameters: total {_fmt_count(counts['total'])} ({counts['total']:,}), "
           f"trainable {_fmt_count(counts['trainable'])}, sparse values "
           f"{_fmt_count(counts['sparse'])}")
-    index_dtype = next((b.dtype for n, b in model.named_buffers()
-                        if n.endswith(("support", "channels"))), None)
+    index_dtype = next((b.dtype for m in model.modules() if isinstance(m, FactoredLinear)
+                        for b in m.index_buffers()), None)
     rows = [("weights", mem.weights), ("gradients", mem.gradients),
             ("optimizer states", mem.optimizer_states),
             ("sparse indices" + (f" ({_dtype_name(index_dtype)})" if index_dtype else ""),

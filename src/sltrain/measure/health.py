@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from sltrain.parametrize.base import FactoredLinear
-from sltrain.parametrize.sltrain import SparseLowRankLinear
 
 
 def excess_kurtosis(x: torch.Tensor) -> float:
@@ -55,26 +54,35 @@ def _svdvals(w: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(w.detach().double().cpu())
 
 
+def _energy(w: torch.Tensor) -> float:
+    return w.double().pow(2).sum().item()
+
+
+def layer_spectra(m: FactoredLinear) -> dict[str, Any]:
+    """Singular values of each of the layer's `spectra_parts()` and, for each part beside the
+    weight, its share of the weight's energy ||.||_F^2 as "<part>_share"."""
+    parts = m.spectra_parts()
+    energy = _energy(parts["weight"])
+    out: dict[str, Any] = {}
+    for key, w in parts.items():
+        values = _svdvals(w)
+        if key == "low_rank" and hasattr(m, "rank"):
+            values = values[: m.rank]  # B·A has at most `rank` non-zero singular values
+        out[key] = values.tolist()
+    for key, w in parts.items():
+        if key != "weight":
+            out[f"{key}_share"] = _energy(w) / energy if energy else float("nan")
+    return out
+
+
 @torch.no_grad()
 def weight_spectra(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """For every attention/MLP weight: singular values of W, and for SLTrain layers those of
-    its low-rank and sparse parts with their energy shares."""
+    """For every attention/MLP weight: singular values of W, and for layers made of parts
+    (SLTrain: low rank plus sparse) those of each part with its energy share."""
     out: dict[str, dict[str, Any]] = {}
     for name, m in model.named_modules():
-        if isinstance(m, SparseLowRankLinear):
-            low = torch.mm(m.B, m.A).mul_(m.scaling)
-            sparse = torch.zeros_like(low)
-            sparse.view(-1).index_add_(0, m.support, m.values)
-            w = low + sparse
-            energy = w.double().pow(2).sum().item()
-            rank = m.A.shape[0]  # s·B·A has at most `rank` non-zero singular values
-            out[name] = {"weight": _svdvals(w).tolist(),
-                         "low_rank": _svdvals(low)[:rank].tolist(),
-                         "sparse": _svdvals(sparse).tolist(),
-                         "low_rank_share": low.double().pow(2).sum().item() / energy,
-                         "sparse_share": sparse.double().pow(2).sum().item() / energy}
-        elif isinstance(m, FactoredLinear):
-            out[name] = {"weight": _svdvals(m.dense_weight()).tolist()}
+        if isinstance(m, FactoredLinear):
+            out[name] = layer_spectra(m)
         elif isinstance(m, nn.Linear) and not name.endswith("lm_head"):
             out[name] = {"weight": _svdvals(m.weight).tolist()}
     return out

@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from sltrain.config import OptimizerConfig
-from sltrain.measure.params import SPARSE_LAYERS
-from sltrain.parametrize.lost import LOSTLinear
+from sltrain.parametrize.base import FactoredLinear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,8 +48,8 @@ def _bytes(t: torch.Tensor) -> int:
 
 
 def _index_bytes(model: nn.Module) -> int:
-    return (sum(_bytes(m.support) for m in model.modules() if isinstance(m, SPARSE_LAYERS))
-            + sum(_bytes(m.channels) for m in model.modules() if isinstance(m, LOSTLinear)))
+    return sum(_bytes(b) for m in model.modules() if isinstance(m, FactoredLinear)
+               for b in m.index_buffers())
 
 
 def _gradient_bytes(trainable: list[torch.Tensor], size: int, per_layer: bool, grad_accum: int) -> int:

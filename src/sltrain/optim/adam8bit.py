@@ -83,6 +83,8 @@ def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> torch.optim.Opti
     class Adam8bit(bnb.optim.AdamW8bit):
         """bitsandbytes' AdamW8bit; the two quantisation maps are shared by all parameters."""
 
+        moment_keys = ("state1", "state2")  # uint8 codes (float32 below MIN_8BIT_SIZE)
+
         def state_bytes(self, p: torch.Tensor, group: dict, element_size: int) -> int:
             return quantized_moments_bytes(p.numel())
 

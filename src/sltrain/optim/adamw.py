@@ -15,6 +15,8 @@ from sltrain.registry import OPTIMIZERS
 class AdamW(torch.optim.AdamW):
     """torch.optim.AdamW; state per parameter: exp_avg, exp_avg_sq and a float32 step tensor."""
 
+    moment_keys = ("exp_avg", "exp_avg_sq")
+
     def state_bytes(self, p: torch.Tensor, group: dict, element_size: int) -> int:
         return 2 * p.numel() * element_size + 4
 

@@ -43,6 +43,8 @@ class AuON(MatrixOptimizer):
     RMS is at most 0.2, AdamW's, and ||update||_2 <= lr * 0.2 sqrt(m n) * ||U||_2 with ||U||_2 < 1.
     """
 
+    moment_keys = ("momentum_buffer", "exp_avg", "exp_avg_sq")  # AdamW's on the "other" groups
+
     def __init__(self, params, lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.95,
                  hybrid: bool = False) -> None:

@@ -7,6 +7,7 @@ orthogonalising optimizers act) or "other" (embeddings, LM head, norms, sparse v
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
@@ -58,7 +59,13 @@ class SltrainOptimizer(torch.optim.Optimizer):
     `state_bytes` must equal the bytes of the tensors `state_dict()["state"][i]` holds for that
     parameter once it has been stepped; `shared_state_bytes` counts tensors shared by all
     parameters (counted once). Tests hold both against real `state_dict()`s.
+
+    `moment_keys` names the state entries that are moments (a key matches if it is or ends with
+    one), which the cycle tricks prune or reset; a subclass with other moments extends it, and a
+    test holds every optimizer's against the state it creates.
     """
+
+    moment_keys: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")  # adamw_other_'s
 
     def state_bytes(self, p: torch.Tensor, group: dict, element_size: int) -> int:
         raise NotImplementedError

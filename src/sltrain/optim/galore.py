@@ -27,6 +27,8 @@ class GaLore(SltrainOptimizer):
     moment in bitsandbytes' blockwise 8-bit format (GaLore's 8-bit variant).
     """
 
+    moment_keys = ("exp_avg", "exp_avg_sq", "state1", "state2")  # float, or 8-bit (eight_bit)
+
     shares_state_across_instances = True  # the 8-bit quantisation maps are module-level
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

@@ -91,6 +91,8 @@ class Muon(MatrixOptimizer):
     by `ns_steps` Newton-Schulz steps and scaled by 0.2 sqrt(max(m, n)) to AdamW's update RMS, so
     that the single `lr` also drives AdamW on the "other" groups. State: `momentum_buffer`."""
 
+    moment_keys = ("momentum_buffer", "exp_avg", "exp_avg_sq")  # AdamW's on the "other" groups
+
     def __init__(self, params, lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.95,
                  ns_steps: int = 5) -> None:

@@ -30,6 +30,8 @@ class NorMuon(MatrixOptimizer):
     would be one scalar for the whole matrix, and the Frobenius normalisation removes it.
     """
 
+    moment_keys = ("momentum_buffer", "exp_avg", "exp_avg_sq")  # AdamW's on the "other" groups
+
     def __init__(self, params, lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.95,
                  ns_steps: int = 5) -> None:

@@ -56,6 +56,14 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         sub = self._by_param.get(id(p))
         return [sub] if sub is not None else []
 
+    @property
+    def moment_keys(self) -> tuple[str, ...]:
+        """The wrapped optimizer's: its copies hold the state."""
+        from sltrain.optim.tricks import moment_keys
+
+        subs = list(self._by_param.values())
+        return moment_keys(subs[0]) if subs else ()
+
     def step(self, closure=None):  # type: ignore[override]
         return closure() if closure is not None else None
 

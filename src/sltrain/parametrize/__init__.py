@@ -31,6 +31,24 @@ def _register_builtins() -> None:
 
 _register_builtins()
 
+# What a dense nn.Linear ("full") can do, in the terms of FactoredLinear's class attributes: its
+# weight can be pruned, nothing else applies.
+DENSE_CAPABILITIES = {"prunable": True}
+
+
+def can(method: str, capability: str) -> bool:
+    """Whether registered `method`'s layer class has `capability`, a class attribute of
+    FactoredLinear (refactorable, prunable, has_cycles); needs no model."""
+    cls = METHODS[method].obj
+    if isinstance(cls, type) and issubclass(cls, nn.Linear):
+        return DENSE_CAPABILITIES.get(capability, False)
+    return bool(getattr(cls, capability, False))
+
+
+def methods_that(capability: str) -> list[str]:
+    """The registered methods that have `capability` (for messages naming the choices)."""
+    return [e.name for e in METHODS.entries() if can(e.name, capability)]
+
 
 @dataclass
 class ParamSpec:

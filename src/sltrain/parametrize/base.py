@@ -1,11 +1,13 @@
-"""What every re-parameterised linear layer shares: a dense weight it can be folded into.
+"""What every re-parameterised linear layer shares: a dense weight, and what else it can do.
 
-Subclasses define `in_features`, `out_features` and `dense_weight()`; `merged()` follows.
+Subclasses define `in_features`, `out_features` and `dense_weight()`; `merged()` follows, and the
+capabilities (refactor, cycles, pruning, index counts, spectra) default to "none" until overridden.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -31,9 +33,40 @@ class DensityOptions(Options):
                                   "(default: the preset's)")
 
 
+@torch.no_grad()
+def resplit_(A: torch.Tensor, B: torch.Tensor) -> None:
+    """Rewrite the factors of B @ A in place as B = U sqrt(S), A = sqrt(S) V^T (the SVD of the
+    product): the product is unchanged up to float32 rounding, the rank is kept and the factors
+    become balanced (B^T B = A A^T = S)."""
+    # B = Qb Rb and A^T = Qa Ra reduce the SVD of the (out x in) product to one of the r x r core
+    # Rb Ra^T: O((out + in) r^2) instead of O(out in r), and no dense weight is formed.
+    Qb, Rb = torch.linalg.qr(B.float())
+    Qa, Ra = torch.linalg.qr(A.float().t())
+    U, S, Vh = torch.linalg.svd(Rb.double() @ Ra.double().t())
+    root = S.sqrt()
+    B.copy_(Qb @ (U * root).float())
+    A.copy_((root[:, None] * Vh).float() @ Qa.t())
+
+
 class FactoredLinear(nn.Module, ABC):
+    """A bias-free linear layer whose weight is composed from other tensors.
+
+    Besides `dense_weight()`, a layer says what the tricks, the pruning and the measurements may
+    do with it (peft-style: the class knows, no list of classes elsewhere). The class attributes
+    are read before any model exists (config checks); the defaults suit a layer that can do none
+    of it. A subclass overrides what applies to it.
+    """
+
     in_features: int
     out_features: int
+    # B @ A with both factors free: `refactor_` may re-split them (optimizer.refactor).
+    refactorable: ClassVar[bool] = False
+    # Gradual magnitude pruning acts on `prunable_tensors()` (prune.target_sparsity).
+    prunable: ClassVar[bool] = False
+    # `end_cycle_` changes the layer every optimizer.reset_every steps (ReLoRA's merges).
+    has_cycles: ClassVar[bool] = False
+    # The key of the event CycleTricks records when the layers end a cycle.
+    cycle_event: ClassVar[str] = "cycle_end"
 
     @abstractmethod
     def dense_weight(self) -> torch.Tensor:
@@ -47,3 +80,51 @@ class FactoredLinear(nn.Module, ABC):
                            device=weight.device, dtype=weight.dtype)
         linear.weight.copy_(weight)
         return linear
+
+    # ---- factors ---------------------------------------------------------------------------------
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter] | None:
+        """(A, B) of the layer's low-rank product B @ A, or None where it has none."""
+        return None
+
+    def refactor_(self) -> None:
+        """Re-split B @ A through its SVD in place (`resplit_`), keeping the same Parameters, so
+        optimizer state stays keyed to them; their moments then describe other coordinates."""
+        factors = self.factors()
+        if not self.refactorable or factors is None:
+            raise TypeError(f"{type(self).__name__} has no freely re-splittable B @ A factors")
+        resplit_(*factors)
+
+    # ---- cycles and warm start -------------------------------------------------------------------
+    def end_cycle_(self, generator: torch.Generator | None = None) -> list[nn.Parameter]:
+        """End a cycle (layers with `has_cycles`), drawing any fresh values from `generator`;
+        returns the parameters restarted, whose optimizer moments are now stale."""
+        raise TypeError(f"{type(self).__name__} has no cycles")
+
+    def trainable_for_warm_start(self) -> list[nn.Parameter]:
+        """The parameters a warm start switches between (all must be in the optimizer); empty for
+        a layer without one."""
+        return []
+
+    def set_warm_start(self, on: bool) -> None:
+        """Enter (on) or leave the warm-start phase; only layers with a warm start have one."""
+        raise TypeError(f"{type(self).__name__} has no warm start")
+
+    # ---- pruning and counting --------------------------------------------------------------------
+    def prunable_tensors(self) -> list[tuple[str, nn.Parameter]]:
+        """(name suffix, parameter) of what gradual magnitude pruning zeroes, entry by entry."""
+        return []
+
+    def index_buffers(self) -> list[torch.Tensor]:
+        """The index tensors (sparse supports, kept channels) the layer stores beside its weights."""
+        return []
+
+    def sparse_counts(self) -> dict[str, int]:
+        """{"sparse": entries of the sparse part, "sparse_indices": index entries stored}."""
+        return {"sparse": 0, "sparse_indices": sum(b.numel() for b in self.index_buffers())}
+
+    # ---- measurement -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def spectra_parts(self) -> dict[str, torch.Tensor]:
+        """Named dense (out, in) matrices whose singular values describe the layer: "weight" and,
+        where the layer sums parts, each part ("low_rank", "sparse") from its own composition."""
+        return {"weight": self.dense_weight()}

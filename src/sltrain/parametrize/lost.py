@@ -48,6 +48,8 @@ class LOSTLinear(FactoredLinear):
     layer was not built from a dense weight).
     """
 
+    refactorable = True  # B and A are free; S lives on other coordinates (the channels)
+
     def __init__(
         self,
         in_features: int,
@@ -100,6 +102,15 @@ class LOSTLinear(FactoredLinear):
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         return torch.mm(self.B, self.A).index_add_(1, self.channels, self.C)
+
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.A, self.B
+
+    def index_buffers(self) -> list[torch.Tensor]:
+        return [self.channels]
+
+    def sparse_counts(self) -> dict[str, int]:
+        return {"sparse": self.C.numel(), "sparse_indices": self.channels.numel()}
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "

@@ -19,6 +19,8 @@ from sltrain.registry import METHODS
 class LowRankLinear(FactoredLinear):
     """A bias-free linear layer whose weight is B @ A (A: rank x in, B: out x rank)."""
 
+    refactorable = True
+
     def __init__(
         self,
         in_features: int,
@@ -52,6 +54,9 @@ class LowRankLinear(FactoredLinear):
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         return self.B @ self.A
+
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.A, self.B
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"

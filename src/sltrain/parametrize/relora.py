@@ -24,6 +24,9 @@ class ReLoRALinear(FactoredLinear):
     warm start (`set_warm_start(True)`) W trains and the factors are frozen instead.
     """
 
+    has_cycles = True  # every optimizer.reset_every steps: merge_and_reinit_
+    cycle_event = "relora_merge"
+
     def __init__(
         self,
         in_features: int,
@@ -77,6 +80,17 @@ class ReLoRALinear(FactoredLinear):
         same forward."""
         self.weight.addmm_(self.B, self.A, alpha=self.scaling)
         self.reset_factors(generator)
+
+    def end_cycle_(self, generator: torch.Generator | None = None) -> list[nn.Parameter]:
+        """A ReLoRA reset: merge and restart the factors; their moments describe the old ones."""
+        self.merge_and_reinit_(generator)
+        return [self.A, self.B]
+
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.A, self.B
+
+    def trainable_for_warm_start(self) -> list[nn.Parameter]:
+        return [self.weight, self.A, self.B]
 
     def set_warm_start(self, on: bool) -> None:
         """Train W alone (on) or the factors alone (off). Frozen tensors lose their gradient, so

@@ -28,13 +28,22 @@ def random_support(numel: int, nnz: int, seed: int) -> torch.Tensor:
     return torch.randperm(numel, generator=g)[:nnz].sort().values
 
 
+def low_rank_weight(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The (out, in) low-rank part s * B @ A."""
+    return torch.mm(B, A).mul_(scaling)
+
+
+def add_sparse_(weight: torch.Tensor, values: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """`weight` plus the sparse part S (`values` at the flat indices `support`), in place."""
+    weight.view(-1).index_add_(0, support, values)
+    return weight
+
+
 def compose_weight(
     A: torch.Tensor, B: torch.Tensor, values: torch.Tensor, support: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """The dense (out, in) weight s * B @ A + scatter(values at support)."""
-    weight = torch.mm(B, A).mul_(scaling)
-    weight.view(-1).index_add_(0, support, values)
-    return weight
+    return add_sparse_(low_rank_weight(A, B, scaling), values, support)
 
 
 class _SparseLowRankMatmul(torch.autograd.Function):
@@ -75,7 +84,12 @@ class SparseLowRankLinear(FactoredLinear):
     uniformly without replacement from a generator seeded by `seed`, so that the same seed gives
     the same support on every process. It is a persistent buffer: saved and restored with the
     weights, never trained. It is int32 wherever the matrix has fewer than 2^31 entries.
+
+    Pruning thins S only: zeroing entries of B or A does not zero entries of B @ A.
     """
+
+    refactorable = True
+    prunable = True
 
     def __init__(
         self,
@@ -131,6 +145,25 @@ class SparseLowRankLinear(FactoredLinear):
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         return compose_weight(self.A, self.B, self.values, self.support, self.scaling)
+
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.A, self.B
+
+    def prunable_tensors(self) -> list[tuple[str, nn.Parameter]]:
+        return [("values", self.values)]
+
+    def index_buffers(self) -> list[torch.Tensor]:
+        return [self.support]
+
+    def sparse_counts(self) -> dict[str, int]:
+        return {"sparse": self.values.numel(), "sparse_indices": self.support.numel()}
+
+    @torch.no_grad()
+    def spectra_parts(self) -> dict[str, torch.Tensor]:
+        """W, its low-rank part s * B @ A and its sparse part S, each as the forward composes it."""
+        low = low_rank_weight(self.A, self.B, self.scaling)
+        sparse = add_sparse_(torch.zeros_like(low), self.values, self.support)
+        return {"weight": self.dense_weight(), "low_rank": low, "sparse": sparse}
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "

@@ -74,6 +74,8 @@ class SparseLinear(FactoredLinear):
     largest |w| of the dense initialisation). The values start as the dense init at the support.
     """
 
+    prunable = True  # gradual magnitude pruning thins the values further
+
     def __init__(
         self,
         in_features: int,
@@ -129,6 +131,15 @@ class SparseLinear(FactoredLinear):
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         return scatter_weight(self.values, self.support, self.out_features, self.in_features)
+
+    def prunable_tensors(self) -> list[tuple[str, nn.Parameter]]:
+        return [("values", self.values)]
+
+    def index_buffers(self) -> list[torch.Tensor]:
+        return [self.support]
+
+    def sparse_counts(self) -> dict[str, int]:
+        return {"sparse": self.values.numel(), "sparse_indices": self.support.numel()}
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, density={self.density}, "

@@ -27,6 +27,8 @@ from torch import nn
 
 from sltrain.config import RunConfig
 from sltrain.errors import UserError
+from sltrain.optim.tricks import warm_start_steps
+from sltrain.parametrize import can
 from sltrain.registry import OPTIMIZERS
 
 
@@ -118,17 +120,18 @@ def check(cfg: RunConfig, world: World) -> None:
     if oc.per_layer_updates:
         raise UserError("--per-layer-updates steps each parameter before its gradient is reduced "
                         "across processes; train it in one process or drop the flag")
-    if cfg.method.name == "relora" and cfg.method.warm_start_steps:
-        raise UserError("ReLoRA's --warm-start-steps changes which parameters train mid-run, "
-                        "which data-parallel wrappers cannot follow; pass --warm-start-steps 0")
+    if warm_start_steps(cfg):
+        raise UserError(f"method {cfg.method.name}'s --warm-start-steps changes which parameters "
+                        "train mid-run, which data-parallel wrappers cannot follow; pass "
+                        "--warm-start-steps 0")
     if tc.parallel == "fsdp":
         # Only an optimizer registered as element-wise can step a shard without the whole matrix.
         if not OPTIMIZERS[oc.name].info.get("elementwise"):
             raise UserError(f"--optimizer {oc.name} needs whole matrices but --parallel fsdp "
                             "shards them; use --parallel ddp or --optimizer adamw")
-        if cfg.method.name == "relora" or oc.reset_every:
-            raise UserError("ReLoRA merges and the --reset-every tricks rewrite whole weights, "
-                            "which FSDP shards; use --parallel ddp")
+        if can(cfg.method.name, "has_cycles") or oc.reset_every:
+            raise UserError(f"method {cfg.method.name}'s cycles and the --reset-every tricks "
+                            "rewrite whole weights, which FSDP shards; use --parallel ddp")
 
 
 def _fully_shard():

@@ -8,12 +8,11 @@ near-optimal, and fits sparse and dense runs with one Chinchilla law in the AVER
 count over training, which every run records (`params_nonzero` per step in metrics.jsonl,
 `params_avg` and `params_final` in summary.json).
 
-What is pruned, per layer by |w| (a pruned entry never comes back):
-- full: the weight of every targeted linear;
-- sparse, sltrain: the trained sparse `values` (SLTrain's S); SLTrain's low-rank factors stay
-  whole, since zeroing entries of B or A does not zero entries of B @ A and pruning the merged
-  weight would need it dense;
-- lowrank, relora: refused.
+What is pruned, per layer by |w| (a pruned entry never comes back), is the layer's to say: a
+dense targeted nn.Linear ("full") its weight, a re-parameterised layer its `prunable_tensors()`
+(sparse's and SLTrain's sparse `values`; SLTrain's low-rank factors stay whole, since zeroing
+entries of B or A does not zero entries of B @ A). Methods whose layer class is not `prunable`
+(lowrank, relora, lost) are refused.
 Pruned entries are zeroed in the weights after every update, in their gradients before it (so
 clipping sees none) and in every optimizer-state tensor of the weight's shape (Adam's moments,
 momentum buffers); the masks are saved with the training state, so a resumed run prunes exactly
@@ -29,7 +28,8 @@ from torch import nn
 
 from sltrain.config import RunConfig
 from sltrain.errors import UserError
-from sltrain.measure.params import SPARSE_LAYERS
+from sltrain.parametrize import can, methods_that
+from sltrain.parametrize.base import FactoredLinear
 
 
 def prune_window(cfg: RunConfig) -> tuple[int, int]:
@@ -71,9 +71,10 @@ def validate(cfg: RunConfig) -> None:
     """Refuse pruning settings that cannot work, before any data or model work."""
     if cfg.prune.target_sparsity == 0:
         return
-    if cfg.method.name in ("lowrank", "relora", "lost"):
-        raise UserError(f"--target-sparsity prunes the weights of methods full, sparse and sltrain, "
-                        f"not {cfg.method.name}; pass another --method or --target-sparsity 0")
+    if not can(cfg.method.name, "prunable"):
+        raise UserError(f"--target-sparsity prunes the weights of methods "
+                        f"{', '.join(methods_that('prunable'))}, not {cfg.method.name}; pass "
+                        "another --method or --target-sparsity 0")
     if cfg.optimizer.per_layer_updates:
         raise UserError("--target-sparsity masks gradients before the update, which per-layer "
                         "updates step inside backward; drop --per-layer-updates")
@@ -82,15 +83,20 @@ def validate(cfg: RunConfig) -> None:
                         "use --parallel ddp")
 
 
+def _layer_prunable(m: nn.Module, targeted: bool) -> list[tuple[str, nn.Parameter]]:
+    """What pruning acts on in module `m`: a re-parameterised layer says; a dense targeted
+    nn.Linear is pruned whole; anything else not at all."""
+    if isinstance(m, FactoredLinear):
+        return m.prunable_tensors()
+    if isinstance(m, nn.Linear) and targeted:
+        return [("weight", m.weight)]
+    return []
+
+
 def prunable(model: nn.Module, cfg: RunConfig) -> list[tuple[str, torch.Tensor]]:
     """(name, parameter) of the tensors the pruning acts on (see the module docstring)."""
-    found = []
-    for name, m in model.named_modules():
-        if isinstance(m, SPARSE_LAYERS):
-            found.append((f"{name}.values", m.values))
-        elif isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in cfg.method.targets:
-            found.append((f"{name}.weight", m.weight))
-    return found
+    return [(f"{name}.{suffix}", p) for name, m in model.named_modules()
+            for suffix, p in _layer_prunable(m, name.rsplit(".", 1)[-1] in cfg.method.targets)]
 
 
 class Pruner:
