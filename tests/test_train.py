@@ -112,7 +112,7 @@ def test_train_state_round_trip_restores_every_part(tiny, tmp_path):
     assert set(saved) == STATE_KEYS
     b = Trainer(load_config(None, {**base, "train.out_dir": str(tmp_path / "b")}))
     assert b.state.counters.step == 0 and b.sampler.position == 0
-    assert all(layer.weight.requires_grad for layer in b.tricks.relora)  # still warm
+    assert all(layer.weight.requires_grad for layer in b.tricks.warm_layers)  # still warm
     b.load_state_dict(copy.deepcopy(saved))  # as from a file: no tensor shared with `a`
     restored, now = b.state_dict(), a.state_dict()
     assert restored["elapsed_s"] == pytest.approx(saved["elapsed_s"], abs=1.0)
@@ -121,7 +121,7 @@ def test_train_state_round_trip_restores_every_part(tiny, tmp_path):
     assert_same(restored, now)
     assert (b.state.counters.step, b.state.counters.tokens_seen) == (4, 4 * 2 * 8 * 32)
     assert b.sampler.position == a.sampler.position > 0
-    assert b.tricks.step == 4 and not any(layer.weight.requires_grad for layer in b.tricks.relora)
+    assert b.tricks.step == 4 and not any(layer.weight.requires_grad for layer in b.tricks.warm_layers)
     assert b.optimizer.state_dict()["state"] and b.scheduler.last_epoch == 4
     # The next update is the same in both: nothing the step depends on was left behind.
     ra, rb = a.train_step(), b.train_step()
