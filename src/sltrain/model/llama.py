@@ -19,6 +19,7 @@ untied embeddings and module names that match Hugging Face's `LlamaForCausalLM`.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -149,6 +150,12 @@ def make_norm(cfg: LlamaConfig) -> nn.Module:
     return cfg.form.layer(cfg.resid_dim, cfg.norm_eps)
 
 
+def init_seed(seed: int, name: str) -> int:
+    """The seed of module `name`'s init draws: from the run seed and the name alone (kept apart
+    from the seeds `parametrize.layer_seed` gives the sparse supports)."""
+    return (seed * 1_000_003 + zlib.crc32(f"init:{name}".encode())) % (2**63)
+
+
 def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
@@ -232,15 +239,49 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-        """Normal(0, std) for embeddings and dense linears, ones for norms (HF LLaMA's init)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, 0.0, std, generator=generator)
-            elif isinstance(module, (RMSNorm, LayerNorm)):
-                nn.init.ones_(module.weight)
-        if self.embed_proj is not None:
-            nn.init.eye_(self.embed_proj.weight)
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int | None = None,
+                     device: torch.device | str | None = None) -> None:
+        """Initialise every module in place, one at a time (torchtitan's pattern): Normal(0, std)
+        for embeddings and dense linears, ones for norms, the identity for embed_proj, and a
+        re-parameterised layer's own `init_weights(std, generator)`.
+
+        A module still on the meta device is first materialised on `device` (its own tensors
+        only), so a model built on meta holds its parameters and one module's transients, never a
+        dense copy. With a `seed`, each module draws from its own generator seeded by the seed and
+        its name: the same seed gives the same model in any process, whatever the order; without
+        one, from the global RNG.
+        """
+        for name, module in self.named_modules():
+            own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            if any(t.is_meta for t in own):
+                if device is None:
+                    raise ValueError("init_weights of a meta-device model needs a device")
+                module.to_empty(device=device, recurse=False)
+                own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            if own:
+                generator = None
+                if seed is not None:
+                    generator = torch.Generator(own[0].device).manual_seed(init_seed(seed, name))
+                self._init_module(module, std, generator)
+
+    def _init_module(self, module: nn.Module, std: float, generator: torch.Generator | None) -> None:
+        if module is self:
+            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+            self.rope_cos = cos.to(self.rope_cos.device, self.rope_cos.dtype)
+            self.rope_sin = sin.to(self.rope_sin.device, self.rope_sin.dtype)
+        elif module is self.embed_proj:
+            nn.init.eye_(module.weight)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, std, generator=generator)
+        elif isinstance(module, (RMSNorm, LayerNorm)):
+            nn.init.ones_(module.weight)
+        elif hasattr(module, "init_weights"):
+            module.init_weights(std, generator)
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        else:
+            raise TypeError(f"cannot initialise {type(module).__name__}: give it init_weights")
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]

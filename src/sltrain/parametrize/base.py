@@ -72,6 +72,22 @@ class FactoredLinear(nn.Module, ABC):
     def dense_weight(self) -> torch.Tensor:
         """The (out, in) weight this layer applies."""
 
+    # ---- initialisation --------------------------------------------------------------------------
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """Initialise every tensor of the layer in place, where it lies (lean initialisation:
+        the model is built on the meta device, then materialised and initialised one module at a
+        time). `std` is the Normal std of the dense init the model's dense linears get, for layers
+        defined from such an init; random draws come from `generator` (on the layer's device).
+
+        A layer class that does not override this is built the old way instead: from a dense,
+        initialised nn.Linear through `from_linear` (`inits_in_place` is False)."""
+        raise NotImplementedError(f"{type(self).__name__} does not initialise in place")
+
+    @classmethod
+    def inits_in_place(cls) -> bool:
+        """Whether the class overrides `init_weights` (so no dense init need exist)."""
+        return cls.init_weights is not FactoredLinear.init_weights
+
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """A bias-free nn.Linear with the same forward as this layer."""

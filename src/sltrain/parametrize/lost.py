@@ -82,6 +82,15 @@ class LOSTLinear(FactoredLinear):
         return layer
 
     @torch.no_grad()
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """LOST is defined from a dense init: draw W0 ~ Normal(0, std) (the dense linears' init)
+        transiently, for this layer only, split it (`init_from_`) and drop it; lean
+        initialisation so holds one dense (out, in) matrix at a time, never the dense model."""
+        dense = torch.empty(self.out_features, self.in_features, device=self.A.device,
+                            dtype=self.A.dtype).normal_(0.0, std, generator=generator)
+        self.init_from_(dense)
+
+    @torch.no_grad()
     def init_from_(self, weight: torch.Tensor) -> None:
         """Split the dense (out, in) `weight` into the factors, the kept channels and the
         discarded tail (whose norm it records)."""

@@ -36,12 +36,16 @@ class LowRankLinear(FactoredLinear):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Both factors uniform with bound 1/sqrt(fan_in): neither is zero, so B @ A starts at
-        # full rank-r signal with entries of std ~ 1 / (3 sqrt(in)).
-        if self.A.is_meta:
-            return
-        nn.init.uniform_(self.A, -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
-        nn.init.uniform_(self.B, -1 / math.sqrt(self.rank), 1 / math.sqrt(self.rank))
+        if not self.A.is_meta:
+            self.init_weights(0.0)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """Both factors uniform with bound 1/sqrt(fan_in), in place (`std` is unused): neither is
+        zero, so B @ A starts at full rank-r signal with entries of std ~ 1 / (3 sqrt(in))."""
+        self.A.uniform_(-1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features),
+                        generator=generator)
+        self.B.uniform_(-1 / math.sqrt(self.rank), 1 / math.sqrt(self.rank), generator=generator)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, **_: object) -> LowRankLinear:

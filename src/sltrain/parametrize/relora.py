@@ -56,6 +56,13 @@ class ReLoRALinear(FactoredLinear):
         nn.init.uniform_(self.A, -bound, bound, generator=generator)
         nn.init.zeros_(self.B)
 
+    @torch.no_grad()
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """W ~ Normal(0, std) as a dense linear's init, drawn into the parameter itself (ReLoRA's
+        W is dense by definition, allocated once), and the factors as `reset_factors`."""
+        self.weight.normal_(0.0, std, generator=generator)
+        self.reset_factors(generator)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, lora_alpha: float, **_: object) -> ReLoRALinear:
         w = linear.weight

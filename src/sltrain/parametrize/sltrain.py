@@ -22,10 +22,43 @@ def index_dtype(numel: int) -> torch.dtype:
 
 
 def random_support(numel: int, nnz: int, seed: int) -> torch.Tensor:
-    """`nnz` sorted flat indices drawn uniformly without replacement from a generator seeded by
-    `seed` (the same on every process), as int64."""
+    """`nnz` sorted distinct flat indices in [0, numel), uniform without replacement, from a CPU
+    generator seeded by `seed` (the same on every device and process), as int64.
+
+    Memory is O(nnz), never O(numel): a 4096 x 11008 layer's randperm would take 360 MB. Draws
+    with replacement are de-duplicated and topped up until there are enough; the distinct values
+    of i.i.d. uniform draws are, given how many there are, a uniform subset of that size, and a
+    seeded uniform choice of `nnz` of them keeps it uniform. Above half density the complement is
+    drawn instead (a bool mask of numel bytes, at most 2 bytes per kept entry).
+    """
+    if not 0 < nnz <= numel:
+        raise ValueError(f"cannot draw {nnz} distinct indices from {numel}")
     g = torch.Generator().manual_seed(seed)
-    return torch.randperm(numel, generator=g)[:nnz].sort().values
+    if 2 * nnz > numel:
+        keep = torch.ones(numel, dtype=torch.bool)
+        keep[_distinct_uniform(numel, numel - nnz, g)] = False
+        return keep.nonzero().view(-1)
+    return _distinct_uniform(numel, nnz, g)
+
+
+def _distinct_uniform(numel: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """`k` sorted distinct uniform indices below `numel` (k <= numel / 2) drawn from `g`."""
+    # int32 sorts twice as fast, and the support is int32 wherever numel allows.
+    dtype = index_dtype(numel)
+    picked = torch.empty(0, dtype=dtype)
+    while picked.numel() < k:
+        # At most half the range is taken, so each draw is new with probability >= 1/2; a few
+        # spare draws make one round enough at the paper's densities.
+        missing = k - picked.numel()
+        draws = torch.randint(numel, (missing + missing // 16 + 16,), generator=g, dtype=dtype)
+        picked = torch.cat([picked, draws]).unique()
+    extra = picked.numel() - k
+    if extra:
+        drop = torch.zeros(picked.numel(), dtype=torch.bool)
+        drop[_distinct_uniform(picked.numel(), extra, g) if 2 * extra <= picked.numel()
+             else torch.randperm(picked.numel(), generator=g)[:extra]] = True
+        picked = picked[~drop]
+    return picked.long()
 
 
 def low_rank_weight(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -51,12 +84,14 @@ class _SparseLowRankMatmul(torch.autograd.Function):
 
     The dense weight gradient G = dY^T X is what a dense layer computes anyway; the trainable
     parameters read their gradients off it: dB = s G A^T, dA = s B^T G, dvalues = G at support.
+    W is composed in the compute dtype (the factors and values cast first, no float32 W then a
+    cast), and the backward frees W before G exists: one dense (out, in) matrix at its peak.
     """
 
     @staticmethod
     def forward(ctx, x, A, B, values, support, scaling, dtype):  # type: ignore[override]
         x = x.to(dtype)
-        weight = compose_weight(A, B, values, support, scaling).to(dtype)
+        weight = compose_weight(A.to(dtype), B.to(dtype), values.to(dtype), support, scaling)
         ctx.save_for_backward(x, A, B, values, support)
         ctx.scaling = scaling
         return F.linear(x, weight)
@@ -65,15 +100,17 @@ class _SparseLowRankMatmul(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         x, A, B, values, support = ctx.saved_tensors
         s, dtype = ctx.scaling, grad_out.dtype
+        A_, B_ = A.to(dtype), B.to(dtype)
         g = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = None
         if ctx.needs_input_grad[0]:
-            weight = compose_weight(A, B, values, support, s).to(dtype)
+            weight = compose_weight(A_, B_, values.to(dtype), support, s)
             grad_x = (g @ weight).view(x.shape)
+            del weight  # before G: the two dense matrices never coexist
         G = g.t() @ x.reshape(-1, x.shape[-1])
         grad_values = G.view(-1).index_select(0, support).to(values.dtype)
-        grad_B = (G @ A.to(dtype).t()).mul_(s).to(B.dtype)
-        grad_A = (B.to(dtype).t() @ G).mul_(s).to(A.dtype)
+        grad_B = (G @ A_.t()).mul_(s).to(B.dtype)
+        grad_A = (B_.t() @ G).mul_(s).to(A.dtype)
         return grad_x, grad_A, grad_B, grad_values, None, None, None
 
 
@@ -117,14 +154,20 @@ class SparseLowRankLinear(FactoredLinear):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.A.is_meta:
-            return
+        if not self.A.is_meta:
+            self.init_weights(0.0)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """The paper's init, in place and without any dense matrix: A kaiming-uniform
+        U(+-1/sqrt(in)), B zero (so W starts as S), the values U(+-1/sqrt(in)), the support drawn
+        from `self.seed` alone (`std` is unused: the layer is not defined from a dense init)."""
         bound = 1.0 / math.sqrt(self.in_features)
-        nn.init.uniform_(self.A, -bound, bound)
-        nn.init.zeros_(self.B)
-        nn.init.uniform_(self.values, -bound, bound)
+        self.A.uniform_(-bound, bound, generator=generator)
+        self.B.zero_()
+        self.values.uniform_(-bound, bound, generator=generator)
         picked = random_support(self.in_features * self.out_features, self.values.numel(), self.seed)
-        self.support.copy_(picked.to(self.support.dtype))
+        self.support.copy_(picked)
 
     @classmethod
     def from_linear(

@@ -47,7 +47,7 @@ class _SparseMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, support, out_features, in_features, dtype):  # type: ignore[override]
         x = x.to(dtype)
-        weight = scatter_weight(values, support, out_features, in_features).to(dtype)
+        weight = scatter_weight(values.to(dtype), support, out_features, in_features)
         ctx.save_for_backward(x, values, support)
         ctx.shape = (out_features, in_features)
         return F.linear(x, weight)
@@ -58,8 +58,9 @@ class _SparseMatmul(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = None
         if ctx.needs_input_grad[0]:
-            weight = scatter_weight(values, support, *ctx.shape).to(grad_out.dtype)
+            weight = scatter_weight(values.to(grad_out.dtype), support, *ctx.shape)
             grad_x = (g @ weight).view(x.shape)
+            del weight  # before G: the two dense matrices never coexist
         G = g.t() @ x.reshape(-1, x.shape[-1])
         grad_values = G.view(-1).index_select(0, support).to(values.dtype)
         return grad_x, grad_values, None, None, None, None
@@ -110,6 +111,20 @@ class SparseLinear(FactoredLinear):
         picked = choose_support(dense, self.values.numel(), self.mask, self.seed)
         self.support.copy_(picked.to(self.support.dtype))
         self.values.copy_(dense.flatten().index_select(0, self.support))
+
+    @torch.no_grad()
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """The values are a dense Normal(0, std) init (the dense linears') at the support. With
+        the random mask they are drawn at the support alone, no dense matrix; the magnitude mask
+        is defined by a dense init, so one is drawn transiently, for this layer only."""
+        if self.mask == "magnitude":
+            dense = torch.empty(self.out_features, self.in_features, device=self.values.device,
+                                dtype=self.values.dtype).normal_(0.0, std, generator=generator)
+            self.reset_parameters(dense)
+            return
+        picked = random_support(self.in_features * self.out_features, self.values.numel(), self.seed)
+        self.support.copy_(picked)
+        self.values.normal_(0.0, std, generator=generator)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, density: float, seed: int, mask: str = "random",
