@@ -220,7 +220,7 @@ class Trainer:
     def _build_model(self, init_from: Path | None) -> None:
         cfg, tc = self.cfg, self.cfg.train
         torch.manual_seed(tc.seed)
-        self.raw_model = build_model(cfg).to(self.device)
+        self.raw_model = build_model(cfg, device=self.device)
         if init_from:
             init_weights_from(self.raw_model, init_from)
         include_warm_start_params(self.raw_model, cfg)
