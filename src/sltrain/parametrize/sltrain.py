@@ -108,6 +108,7 @@ def compose_weight_in(
         block = low_rank_weight(A, B[r0:r1], scaling)
         add_sparse_(block, values[cuts[i]:cuts[i + 1]], support[cuts[i]:cuts[i + 1]] - r0 * in_features)
         weight[r0:r1] = block
+        del block  # before the next block exists
     return weight
 
 
