@@ -1,4 +1,4 @@
-"""The README's scaling-law demonstration: dense and gradually pruned runs at two model sizes and
+"""The scaling-law demonstration of docs/results/scaling.md: dense and gradually pruned runs at two model sizes and
 three token budgets, fitted with L(N, D) = E + A/N^alpha + B/D^beta.
 
 Each run is `sltrain train` on the embedded corpus; the pruned runs prune the targeted linears by
