@@ -44,12 +44,14 @@ from sltrain.config import RunConfig, build_config, flatten, load_config
 from sltrain.data import Blocks, prepare, prepare_options
 from sltrain.data.tokenizer import META_FILE, load_tokenizer, save_tokenizer
 from sltrain.errors import UserError
+from sltrain.files import writable_dir
 from sltrain.model import build_model, param_spec
 from sltrain.parametrize import merge
 from sltrain.train.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
     find_checkpoint,
+    load_state,
     load_weights,
     save_checkpoint,
 )
@@ -96,10 +98,11 @@ def save_model_run(weights: dict[str, torch.Tensor], cfg: RunConfig, out: Path, 
     soup) goes to config.json's `derived_from`. Returns the checkpoint folder."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder; pass a new --out")
+    writable_dir(out, "--out", create=False)
     tok, eos = run_tokenizer(source.parent.parent)
-    source_state = torch.load(source / STATE_FILE, map_location="cpu", weights_only=True)
+    source_state = load_state(source)
     step = source_state["step"]
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out, "--out")
     save_tokenizer(tok, eos, out, cfg.data.tokenizer)
     (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "derived_from": record},
                                                 indent=2))
@@ -131,6 +134,7 @@ def export_hf(path: Path, out: Path, dtype: str = "float32", force: bool = False
         raise UserError(f"{out} holds a run or checkpoint; export into another folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"{out} is not empty; pass --force to overwrite its files or choose another")
+    writable_dir(out, "OUT", create=False)
     model, cfg, ckpt = load_run_model(ckpt)
     if cfg.model.norm != "pre_rmsnorm" or cfg.model.embed_proj:
         raise UserError(f"the run uses --norm {cfg.model.norm}"
@@ -158,7 +162,7 @@ def export_hf(path: Path, out: Path, dtype: str = "float32", force: bool = False
         tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=eos,
         model_max_length=dims["max_seq_len"])
 
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out, "OUT")
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(out)
     hf_tok.save_pretrained(out)
@@ -180,7 +184,7 @@ def is_hf_export(path: Path) -> bool:
     """A folder transformers loads (its config.json names a model_type); run folders have none."""
     try:
         return "model_type" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         return False
 
 
@@ -201,7 +205,7 @@ def load_hf_model(path: Path) -> tuple[nn.Module, Any]:
     transformers.utils.logging.disable_progress_bar()
     try:
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{path} cannot be loaded by transformers ({first})") from None
     return _Logits(hf_model).eval(), hf_model.config

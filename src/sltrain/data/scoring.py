@@ -42,6 +42,7 @@ from sltrain.data import PreparedData, prepare, prepare_options, tokens
 from sltrain.data import tokenizer as bpe
 from sltrain.data.packing import Blocks
 from sltrain.errors import UserError
+from sltrain.files import writable_dir
 from sltrain.train.losses import IGNORE_INDEX, cross_entropy
 
 METHODS = ("el2n", "grand")
@@ -154,6 +155,7 @@ def _check_choice(keep: float, drop: str) -> None:
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not tokens.is_token_folder(out))):
         raise UserError(f"{out} exists and is not a prepared data folder; pass a new or empty --out")
+    writable_dir(out, "--out", create=False)
 
 
 def select(scores: np.ndarray, keep: float, drop: str = "easy", seed: int = 0) -> np.ndarray:
@@ -174,6 +176,7 @@ def write_pruned(data: PreparedData, seq_len: int, kept: np.ndarray, out: Path,
                  record: dict[str, Any]) -> dict[str, Any]:
     """Write the token folder `out` holding the kept blocks (see the module docstring)."""
     _check_out(out)
+    writable_dir(out, "--out")
     stream, T = data.train, seq_len
     writers = {s: tokens.StreamWriter(out, s, stream.dtype) for s in tokens.SPLITS}
     try:

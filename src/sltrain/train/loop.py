@@ -22,6 +22,7 @@ from tqdm import tqdm
 from sltrain.config import RunConfig, run_clashes
 from sltrain.data import Blocks, BlockSampler, prepare, prepare_options, save_tokenizer
 from sltrain.errors import UserError
+from sltrain.files import writable_dir
 from sltrain.measure import PeakMemory, count_parameters, estimate_memory, measure_memory
 from sltrain.measure.health import health_record
 from sltrain.model import build_model, param_spec
@@ -30,6 +31,7 @@ from sltrain.optim import validate as validate_optimizer
 from sltrain.optim.tricks import CycleTricks, include_warm_start_params
 from sltrain.train import distributed
 from sltrain.train.checkpoint import (
+    STATE_FILE,
     find_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -78,7 +80,12 @@ def new_run_dir(cfg: RunConfig) -> Path:
             f"run folder {run_dir} already holds checkpoints{why}; continue it with --resume "
             f"{run_dir} (or --resume auto), or pass another --out-dir"
         )
-    return run_dir
+    # A damaged checkpoint (no training state) is still work: never train over it.
+    damaged = sorted((run_dir / "checkpoints").glob("step_*")) if run_dir.is_dir() else []
+    if damaged:
+        raise UserError(f"run folder {run_dir} holds the incomplete checkpoint {damaged[-1]} (no "
+                        f"{STATE_FILE}); move it away to start over, or pass another --out-dir")
+    return writable_dir(run_dir, "--out-dir", create=False)
 
 
 class _StopFlag:
@@ -145,7 +152,7 @@ def train(
                    tokenizer_file if ckpt else init_tokenizer if init_from else None,
                    **prepare_options(cfg))
     if world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs have proven valid
+        writable_dir(run_dir, "--out-dir")  # made only once the inputs have proven valid
         save_tokenizer(data.tokenizer, data.eos_token, run_dir, cfg.data.tokenizer)
         derived = {"rank": cfg.rank, "lora_alpha": cfg.lora_alpha, "density": cfg.density,
                    "warmup_steps": cfg.warmup_steps, "tokens_per_step": cfg.tokens_per_step}
