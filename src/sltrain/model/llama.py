@@ -59,7 +59,8 @@ class LlamaConfig:
 
 # Token files store ids as uint32 (data/tokens.py), so no larger vocabulary can be trained on.
 MAX_VOCAB = 2**32
-_INT64 = 2**63 - 1  # the most elements one torch tensor can index
+# A tensor's size in bytes must fit an int64; at up to 8 bytes an element that is 2**60 elements.
+_MAX_NUMEL = 2**60
 
 
 def check_dims(dims: dict[str, Any]) -> None:
@@ -76,11 +77,12 @@ def check_dims(dims: dict[str, Any]) -> None:
     if vocab > MAX_VOCAB:
         raise UserError(f"--vocab-size {vocab} is above {MAX_VOCAB:,}, the most token ids a token "
                         "file stores; pass a smaller --vocab-size")
-    for name, rows, cols in (("token embedding", vocab, dim), ("feed-forward", ffn, dim),
+    for name, rows, cols in (("token embedding", vocab, dim), ("attention", dim, dim),
+                             ("feed-forward", ffn, dim),
                              ("rotary table", dims.get("max_seq_len", 1), dim // heads)):
-        if rows * cols > _INT64:
-            raise UserError(f"the {name} of --dim {dim} would hold {rows:,} x {cols:,} values, "
-                            "more than a tensor can index; pass smaller sizes")
+        if rows * cols > _MAX_NUMEL:
+            raise UserError(f"the {name} weight of --dim {dim} would hold {rows:,} x {cols:,} "
+                            "values, more than one tensor can; pass smaller sizes")
 
 
 class RMSNorm(nn.Module):

@@ -88,6 +88,12 @@ def new_run_dir(cfg: RunConfig) -> Path:
     return writable_dir(run_dir, "--out-dir", create=False)
 
 
+def _write_config(run_dir: Path, cfg: RunConfig) -> None:
+    derived = {"rank": cfg.rank, "lora_alpha": cfg.lora_alpha, "density": cfg.density,
+               "warmup_steps": cfg.warmup_steps, "tokens_per_step": cfg.tokens_per_step}
+    (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "derived": derived}, indent=2))
+
+
 class _StopFlag:
     """Turns SIGINT/SIGTERM into a request to stop at the next step boundary (a second SIGINT
     interrupts at once)."""
@@ -154,10 +160,8 @@ def train(
     if world.main:
         writable_dir(run_dir, "--out-dir")  # made only once the inputs have proven valid
         save_tokenizer(data.tokenizer, data.eos_token, run_dir, cfg.data.tokenizer)
-        derived = {"rank": cfg.rank, "lora_alpha": cfg.lora_alpha, "density": cfg.density,
-                   "warmup_steps": cfg.warmup_steps, "tokens_per_step": cfg.tokens_per_step}
-        (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "derived": derived},
-                                                        indent=2))
+        if not ckpt:
+            _write_config(run_dir, cfg)
         world.barrier()
 
     sampler = BlockSampler(Blocks(data.train, cfg.data.seq_len), tc.batch_size, tc.seed)
@@ -202,6 +206,8 @@ def train(
         pruner.load_state_dict(state.get("prune"), step)
     tricks = CycleTricks(raw_model, optimizer, cfg, start_step=step)
     loggers = MetricLoggers(run_dir, cfg, step if ckpt else None) if world.main else None
+    if ckpt and world.main:  # a resume that fails on a damaged checkpoint or log keeps its config
+        _write_config(run_dir, cfg)
 
     params = count_parameters(raw_model)
     meta = {"config": cfg.to_dict(), "param_spec": param_spec(cfg).to_dict()}
