@@ -77,7 +77,12 @@ def checkpoint_config(ckpt: Path) -> RunConfig:
     if meta is None:
         raise UserError(f"{ckpt / MODEL_FILE} records no sltrain config; pass a checkpoint written "
                         "by `sltrain train`")
-    return build_config(json.loads(meta)["config"])
+    try:
+        tree = json.loads(meta)["config"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"the sltrain record in {ckpt / MODEL_FILE} is damaged; restore the "
+                        "checkpoint or use an earlier one") from None
+    return build_config(tree)
 
 
 def load_run_model(path: Path) -> tuple[nn.Module, RunConfig, Path]:

@@ -74,11 +74,14 @@ def _val_curve(run_dir: Path) -> str:
 def _previous_rows(path: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames != COLUMNS:
-            return {}  # written by another version: rebuilt from the run folders
-        return {r["run"]: r for r in reader}
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != COLUMNS:
+                return {}  # written by another version: rebuilt from the run folders
+            return {r["run"]: r for r in reader}
+    except (ValueError, csv.Error):  # damaged (UnicodeDecodeError is a ValueError): rebuilt too
+        return {}
 
 
 def _last_error(log: Path) -> str:
