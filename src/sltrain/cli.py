@@ -333,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"sltrain: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path no library check caught (a full disk, a vanished folder)
+        from sltrain.files import os_error_line
+
+        print(f"sltrain: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("sltrain: interrupted", file=sys.stderr)
         return 130
