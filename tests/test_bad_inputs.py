@@ -199,6 +199,8 @@ ROWS = [
     ("health-out-under-file", ["health", "{run}", "--blocks", "2", "--out", "{file}/h"], None,
      "afile/h"),
     ("health-out-is-file", ["health", "{run}", "--blocks", "2", "--out", "{file}"], None, "afile"),
+    ("health-out-cannot-make", ["health", "{run}", "--blocks", "2", "--out", "{nodir}"], None,
+     "cannot write to /proc/"),
     ("health-layers", ["health", "{run}", "--blocks", "2", "--layers", "nope"], None,
      "no learned weight named nope"),
     # ---- schedule -----------------------------------------------------------------------------
@@ -206,6 +208,8 @@ ROWS = [
      "afile"),
     ("schedule-plot-cannot-make", ["schedule", "--steps", "10", "--plot", "{nodir}/lr.png"], None,
      "/proc/"),
+    ("schedule-plot-is-dir", ["schedule", "--steps", "10", "--plot", "{full}"], None,
+     "it is a folder; pass a file name as --plot"),
     ("schedule-config-garbage", ["schedule", "--config", "{tmp}/c.toml"],
      _write("{tmp}/c.toml", GARBAGE), "cannot be parsed"),
     ("schedule-warmup", ["schedule", "--steps", "10", "--warmup-steps", "20"], None, "warm-up (20)"),
@@ -222,6 +226,10 @@ ROWS = [
                                  "--json", "{file}/fit.json"], None, "afile"),
     ("scaling-plot-under-file", ["scaling", "fit", "{fits}", "--bootstrap", "0",
                                  "--plot", "{file}/fit.png"], None, "is a file, not a folder"),
+    ("scaling-json-is-dir", ["scaling", "fit", "{fits}", "--bootstrap", "0", "--json", "{full}"],
+     None, "it is a folder; pass a file name as --json"),
+    ("scaling-plot-cannot-make", ["scaling", "fit", "{fits}", "--bootstrap", "0",
+                                  "--plot", "{nodir}/fit.png"], None, "cannot write to /proc/"),
     ("scaling-predict", ["scaling", "fit", "{fits}", "--predict", "many"], None, "N,D"),
     # ---- soup ---------------------------------------------------------------------------------
     ("soup-state-garbage", ["soup", "{run}", "{run}", "--out", "{tmp}/soup"],
@@ -313,3 +321,14 @@ def test_a_damaged_tokenizer_cache_entry_is_rebuilt(ctx, capsys):
     out = Path(ctx["tmp"]) / "prepared"
     assert main(["data", "prepare", *TINY, "--data", ctx["data"], "--out", str(out)]) == 0
     assert (out / "tokenizer.json").read_text() == (Path(ctx["tok"]) / "tokenizer.json").read_text()
+
+
+@pytest.mark.parametrize("argv", [["schedule", "--steps", "10", "--plot", "{tmp}/plots/lr.png"],
+                                  ["scaling", "fit", "{fits}", "--bootstrap", "0", "--plot",
+                                   "{tmp}/plots/fit.png", "--json", "{tmp}/plots/fit.json"],
+                                  ["health", "{run}", "--blocks", "2", "--out", "{tmp}/plots/h"]],
+                         ids=["schedule", "scaling", "health"])
+def test_an_output_file_in_a_new_folder_is_written(argv, ctx, capsys):
+    """The checks on output paths refuse unusable ones only: a new folder is made for the file."""
+    assert main(_argv(argv, ctx)) == 0, capsys.readouterr().err
+    assert any((Path(ctx["tmp"]) / "plots").rglob("*.png"))

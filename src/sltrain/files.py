@@ -93,11 +93,12 @@ def writable_dir(path: Path, flag: str, create: bool = True) -> Path:
     return path
 
 
-def writable_file(path: Path, flag: str) -> Path:
-    """`path` as a file this process can write (its folder created if new); not a folder."""
+def writable_file(path: Path, flag: str, create: bool = True) -> Path:
+    """`path` as a file this process can write (its folder created if new, unless `create` is
+    False: see `writable_dir`); never a folder."""
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a folder; pass a file name as {flag}")
-    writable_dir(path.parent, flag)
+    writable_dir(path.parent, flag, create)
     return path
 
 

@@ -214,6 +214,9 @@ def fit_runs(run_dirs: list[Path], params: str = "avg", samples: int = 200,
     """`sltrain scaling fit`: fit the law to the runs' summaries, with `samples` bootstrap
     intervals, each run's residual, the loss predicted at (N, D) = `at`, and optionally a plot
     and the report as JSON. Returns the report (plus the paths written as `plot` and `json`)."""
+    for path, flag in ((plot_to, "--plot"), (json_to, "--json")):
+        if path:  # refused before the fit, and nothing made yet
+            writable_file(path, flag, create=False)
     runs, notes = read_runs(run_dirs, params)
     N, D, L = (np.array([r[k] for r in runs]) for k in "NDL")
     law = fit(N, D, L)
@@ -230,7 +233,6 @@ def fit_runs(run_dirs: list[Path], params: str = "avg", samples: int = 200,
     if plot_to:
         written["plot"] = str(plot(law, N, D, L, plot_to))
     if json_to:
-        json_to.parent.mkdir(parents=True, exist_ok=True)
-        json_to.write_text(json.dumps(report, indent=2))
+        writable_file(json_to, "--json").write_text(json.dumps(report, indent=2))
         written["json"] = str(json_to)
     return {**report, **written}
