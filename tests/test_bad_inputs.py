@@ -323,6 +323,18 @@ def test_a_damaged_tokenizer_cache_entry_is_rebuilt(ctx, capsys):
     assert (out / "tokenizer.json").read_text() == (Path(ctx["tok"]) / "tokenizer.json").read_text()
 
 
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`sltrain bench list | head`: the reader leaving early is no error worth a traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "sltrain", "bench", "list"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
 @pytest.mark.parametrize("argv", [["schedule", "--steps", "10", "--plot", "{tmp}/plots/lr.png"],
                                   ["scaling", "fit", "{fits}", "--bootstrap", "0", "--plot",
                                    "{tmp}/plots/fit.png", "--json", "{tmp}/plots/fit.json"],
