@@ -326,12 +326,30 @@ def build_parser() -> argparse.ArgumentParser:
     return cli_args.build_parser(HANDLERS, __doc__.splitlines()[0])
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's flush at exit cannot fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (io.UnsupportedOperation is both)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that left shows here, not in the interpreter's exit
+        return code
     except UserError as e:
         print(f"sltrain: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader left (`sltrain bench list | head`): nothing to report
+        _silence_stdout()
+        return 141  # what a shell reports for a process ended by SIGPIPE
+    except OSError as e:  # a path no library check caught (a full disk, a vanished folder)
+        from sltrain.files import os_error_line
+
+        print(f"sltrain: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sltrain: interrupted", file=sys.stderr)
