@@ -128,14 +128,12 @@ class Apollo(SltrainOptimizer):
         return update
 
     def update_(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
         rank = self._rank(p, group)
         if rank is None:
-            state["step"] = state.get("step", 0) + 1
-            beta1, beta2 = group["betas"]
-            update, _ = adam_direction(p.grad, state, beta1, beta2, group["eps"])
-        else:
-            update = self.matrix_update(p, state, group, rank)
+            self.adamw_other_(p, group)
+            return
+        state = self.state[p]
+        update = self.matrix_update(p, state, group, rank)
         beta1, beta2 = group["betas"]
         decay_(p, group)
         p.add_(update, alpha=-adam_step_size(group["lr"], beta1, beta2, state["step"]))
