@@ -106,8 +106,13 @@ def apply(model: nn.Module, spec: ParamSpec) -> nn.Module:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every re-parameterised layer back into a dense nn.Linear, in place."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FactoredLinear):
-            _replace(model, name, module.merged())
+    """Fold every re-parameterised layer back into a dense nn.Linear, in place. A model with a
+    layer that has no dense form (not `mergeable`, e.g. CoLA) is refused, untouched, in one line:
+    export, densify, soups, convert and --init-from into a dense run all come through here."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, FactoredLinear)]
+    for _, module in layers:
+        if not module.mergeable:
+            raise UserError(module.no_dense_form())
+    for name, module in layers:
+        _replace(model, name, module.merged())
     return model
