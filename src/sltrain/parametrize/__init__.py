@@ -32,13 +32,13 @@ def _register_builtins() -> None:
 _register_builtins()
 
 # What a dense nn.Linear ("full") can do, in the terms of FactoredLinear's class attributes: its
-# weight can be pruned, nothing else applies.
-DENSE_CAPABILITIES = {"prunable": True}
+# weight can be pruned (and is its own dense form), nothing else applies.
+DENSE_CAPABILITIES = {"prunable": True, "mergeable": True}
 
 
 def can(method: str, capability: str) -> bool:
     """Whether registered `method`'s layer class has `capability`, a class attribute of
-    FactoredLinear (refactorable, prunable, has_cycles); needs no model."""
+    FactoredLinear (refactorable, prunable, has_cycles, mergeable); needs no model."""
     cls = METHODS[method].obj
     if isinstance(cls, type) and issubclass(cls, nn.Linear):
         return DENSE_CAPABILITIES.get(capability, False)
