@@ -24,7 +24,7 @@ def format_flops(n: float) -> str:
     return f"{n / 1e9:.2f} GFLOP" if n >= 1e9 else f"{n / 1e6:.1f} MFLOP"
 
 
-def _linear_flops(m: nn.Module, tokens_per_batch: int) -> tuple[float, float]:
+def linear_flops(m: nn.Module, tokens_per_batch: int) -> tuple[float, float]:
     """(forward, backward) FLOPs per token of one linear layer."""
     if isinstance(m, FactoredLinear):
         return m.flops_per_token(tokens_per_batch), m.backward_flops_per_token(tokens_per_batch)
@@ -40,7 +40,7 @@ def model_flops(model: nn.Module, seq_len: int, batch_size: int) -> dict[str, fl
     forward = backward = 0.0
     for m in model.modules():
         if isinstance(m, (FactoredLinear, nn.Linear)):
-            f, b = _linear_flops(m, tokens)
+            f, b = linear_flops(m, tokens)
             forward, backward = forward + f, backward + b
     cfg = model.cfg
     attention = 4.0 * seq_len * cfg.n_heads * cfg.head_dim * cfg.n_layers

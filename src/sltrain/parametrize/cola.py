@@ -15,7 +15,7 @@ What we took from where (the authors' code, github.com/alvin-zyl/CoLA, read at c
   are our presets' ranks, so `--rank` defaults to the preset's as for the other methods.
 - Learning rate (scripts/cola_scripts/*.sh): AdamW at 6e-3 (60M), 3e-3 (130M, 350M), 2e-3 (1B),
   1e-3 (7B), weight decay 0.01, gradient clipping 0.5, 10% warm-up, bfloat16. We keep the run's
-  own defaults: pass `--lr` (the tuned suite picks it per method).
+  own defaults: pass `--lr`.
 Our choice, not the paper's: CoLA-M. The paper checkpoints whole decoder blocks so that only the
 r-wide activations σ(A x) (and the residual stream) are kept and everything full-width is
 recomputed (`ColaMDecoderLayer` in cola/modeling_colam.py). That is a change of the block, which
