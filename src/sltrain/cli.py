@@ -79,6 +79,7 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 def cmd_memory(args: argparse.Namespace) -> int:
     from sltrain.measure import count_parameters, estimate_memory
+    from sltrain.measure.flops import format_flops, model_flops
     from sltrain.measure.memory import DTYPES
     from sltrain.model import build_model
     from sltrain.parametrize.base import FactoredLinear
@@ -88,7 +89,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
     counts = count_parameters(model)
     mem = estimate_memory(model, DTYPES[args.dtype], cfg.optimizer, cfg.rank)
     report = {"preset": cfg.model.preset, "method": cfg.method.name, "dtype": args.dtype,
-              "optimizer": cfg.optimizer.name, "params": counts, "bytes": mem.to_dict()}
+              "optimizer": cfg.optimizer.name, "params": counts, "bytes": mem.to_dict(),
+              "flops_per_token": model_flops(model, cfg.data.seq_len, cfg.train.batch_size)}
     # The chosen method's own options (rank, lora_alpha, density, ...), the preset's where unset.
     options = cfg.method_options()
     report.update({k: v for k, v in options.items() if k not in report})
@@ -111,6 +113,10 @@ def cmd_memory(args: argparse.Namespace) -> int:
             ("total", mem.total)]
     for name, n in rows:
         print(f"  {name:<24} {_fmt_bytes(n):>12}   {n:>16,} B")
+    flops = report["flops_per_token"]
+    print(f"FLOPs per token: forward {format_flops(flops['forward'])}, training "
+          f"{format_flops(flops['train'])} (forward + backward, seq_len {cfg.data.seq_len}, "
+          f"micro-batch {cfg.train.batch_size})")
     return 0
 
 
