@@ -82,7 +82,7 @@ def test_support_entries_are_uniform_in_a_larger_matrix():
     assert chi2 < CHI2_1E4[19], chi2
 
 
-@pytest.mark.parametrize("method", ["sltrain", "lowrank", "sparse", "relora", "full"])
+@pytest.mark.parametrize("method", ["sltrain", "lowrank", "sparse", "relora", "cola", "full"])
 def test_init_never_allocates_a_factored_layers_dense_matrix(method):
     """Every tensor of >= out*in entries (the smallest targeted layer's) created while building
     is one of the built model's own (embeddings, lm_head; ReLoRA's frozen W), once each."""
@@ -133,7 +133,8 @@ def _close(t: torch.Tensor, mean: float, std: float) -> None:
     assert abs(t.std().item() - std) <= 5 * std / math.sqrt(2 * n), (t.std().item(), std)
 
 
-@pytest.mark.parametrize("method", ["sltrain", "lowrank", "relora", "sparse", "lost", "full"])
+@pytest.mark.parametrize("method", ["sltrain", "lowrank", "relora", "sparse", "lost", "cola",
+                                    "full"])
 def test_init_distributions_are_todays(method):
     cfg = small(method) if method == "lost" else preset(method)
     model = build_model(cfg)
@@ -161,6 +162,10 @@ def test_init_distributions_are_todays(method):
             assert torch.all(layer.B == 0)
         elif method == "sparse":
             _close(layer.values, 0, std)
+        elif method == "cola":
+            factor_std = (r * (layer.in_features + layer.out_features)) ** -0.25
+            _close(layer.A, 0, factor_std)
+            _close(layer.B, 0, factor_std)
         else:  # LOST: W0 ~ Normal(0, std) split exactly into B A + S plus the dropped tail
             assert 0 < layer.init_residual_rel < 1
 

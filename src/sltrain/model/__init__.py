@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sltrain.config import RunConfig
+from sltrain.errors import UserError
 from sltrain.model.llama import Llama, LlamaConfig
 from sltrain.parametrize import ParamSpec, apply
 from sltrain.registry import METHODS
@@ -48,5 +49,13 @@ def build_model(cfg: RunConfig, device: str | torch.device = "cpu",
         model.to(dtype)  # on meta: only the recorded dtypes change
     if str(device) == "meta":
         return model
-    model.init_weights(cfg.model.init_std, seed=cfg.train.seed, device=device)
-    return model if lean else apply(model, spec)
+    try:
+        model.init_weights(cfg.model.init_std, seed=cfg.train.seed, device=device)
+        return model if lean else apply(model, spec)
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError) and "alloc" not in str(e).lower():
+            raise
+        d = cfg.model_dims()
+        raise UserError(f"the model (--dim {d['dim']}, --n-layers {d['n_layers']}, --vocab-size "
+                        f"{d['vocab_size']}) does not fit in {device} memory; pass smaller sizes "
+                        "(`sltrain memory` counts them)") from None
