@@ -129,26 +129,55 @@ def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype)
         return F.linear(hidden.to(dtype), weight.to(dtype)).float()
 
 
+class _Rows:
+    """A per-token loss of logits rows and its gradient with respect to them, by autograd."""
+
+    def __init__(self, per_token: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.loss = per_token
+
+    def grad(self, logits: torch.Tensor, targets: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            logits.requires_grad_()
+            return torch.autograd.grad(self.loss(logits, targets), logits, g)[0]
+
+
+class _CrossEntropyRows(_Rows):
+    """Cross-entropy rows with the closed-form gradient g * (softmax - onehot): no second pass
+    of the loss under autograd."""
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
+        self.ignore_index = ignore_index
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction="none")
+
+    def grad(self, logits: torch.Tensor, targets: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        keep = targets != self.ignore_index
+        p = torch.softmax(logits, dim=-1)
+        p.scatter_add_(1, torch.where(keep, targets, 0).unsqueeze(1), -keep.unsqueeze(1).to(p.dtype))
+        return p.mul_(torch.where(keep, g, 0.0).unsqueeze(1))
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Per-token losses of logits = hidden @ weight^T, `chunk` rows of logits at a time.
 
-    Saves only hidden, weight and targets. The backward forms each chunk's logits again, runs the
-    loss's own per-token function under autograd for d(loss)/d(logits), and turns that into the
-    chunk's share of grad_hidden and grad_weight (the latter summed in float32).
+    Saves only hidden, weight and targets. The backward forms each chunk's logits again, asks the
+    rows for d(loss)/d(logits) and turns that into the chunk's share of grad_hidden and
+    grad_weight (the latter summed in float32).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, per_token, chunk):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, rows, chunk):  # type: ignore[override]
         device = hidden.device.type
         dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                  else torch.promote_types(hidden.dtype, weight.dtype))
         out = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
         with torch.autocast(device, enabled=False):  # the loss itself in float32, as unfused
             for s in range(0, hidden.shape[0], chunk):
-                out[s:s + chunk] = per_token(_head_logits(hidden[s:s + chunk], weight, dtype),
+                out[s:s + chunk] = rows.loss(_head_logits(hidden[s:s + chunk], weight, dtype),
                                              targets[s:s + chunk])
         ctx.save_for_backward(hidden, weight, targets)
-        ctx.per_token, ctx.chunk, ctx.dtype = per_token, chunk, dtype
+        ctx.rows, ctx.chunk, ctx.dtype = rows, chunk, dtype
         return out
 
     @staticmethod
@@ -161,11 +190,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         w = weight.to(dtype)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk].to(dtype)
-            with torch.enable_grad():
-                logits = _head_logits(h, w, dtype).requires_grad_()
-                (g,) = torch.autograd.grad(ctx.per_token(logits, targets[s:s + chunk]), logits,
-                                           grad_out[s:s + chunk])
-            g = g.to(dtype)
+            g = ctx.rows.grad(_head_logits(h, w, dtype), targets[s:s + chunk],
+                              grad_out[s:s + chunk]).to(dtype)
             if grad_h is not None:
                 grad_h[s:s + chunk] = g @ w
             if grad_w is not None and dtype == torch.float32:
@@ -188,10 +214,11 @@ def head_loss(fn: Callable[..., torch.Tensor], hidden: torch.Tensor, weight: tor
     the full logits: (batch, seq, dim) hidden states, the (vocab, dim) head weight and (batch, seq)
     targets; `chunk_tokens` logits rows live at a time."""
     t = targets.flatten()
-    per_token = _ChunkedHeadLoss.apply(hidden.flatten(0, -2), weight, t,
-                                       partial(_rows, fn, **options), chunk_tokens)
-    keep = t != options.get("ignore_index", IGNORE_INDEX)
-    return _reduce(per_token, keep, reduction, targets.shape[0])
+    ignore_index = options.get("ignore_index", IGNORE_INDEX)
+    plain_ce = fn is cross_entropy and set(options) <= {"ignore_index"}
+    rows = _CrossEntropyRows(ignore_index) if plain_ce else _Rows(partial(_rows, fn, **options))
+    per_token = _ChunkedHeadLoss.apply(hidden.flatten(0, -2), weight, t, rows, chunk_tokens)
+    return _reduce(per_token, t != ignore_index, reduction, targets.shape[0])
 
 
 def loss_options(cfg: RunConfig) -> dict[str, Any]:
