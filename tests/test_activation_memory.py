@@ -125,7 +125,7 @@ def saved_bytes_and_grads(model, x):
     return sum(saved), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("method", ["full", "sltrain", "lowrank"])
+@pytest.mark.parametrize("method", ["full", "sltrain", "lowrank", "sparse", "relora", "lost"])
 def test_checkpointing_gives_the_gradients_of_none_and_keeps_less(tiny, method):
     torch.manual_seed(0)
     base = build_model(model_cfg(tiny, method))
