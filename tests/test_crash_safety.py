@@ -130,7 +130,9 @@ def test_nonfinite_losses_skip_their_step_and_stop_after_k_in_a_row(base, tmp_pa
                                                                      per_layer):
     # Per-layer updates step inside backward, before the loop sees the loss: their hooks must
     # skip on their own.
-    base = {**base, "train.save_every": 1, "train.keep_checkpoints": 100,
+    # The poison counts calls of the loss function: one per micro-batch with full logits (the
+    # chunked loss calls it per chunk, in the forward and again in the backward).
+    base = {**base, "train.save_every": 1, "train.keep_checkpoints": 100, "loss.chunk_tokens": 0,
             **({"optimizer.per_layer_updates": True, "optimizer.grad_clip": 0.0} if per_layer else {})}
     clean = tmp_path / "clean"
     train(load_config(None, {**base, "train.out_dir": str(clean)}))

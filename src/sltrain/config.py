@@ -7,6 +7,7 @@ flag, and every bad value is reported as one line naming the key, the value and 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +203,17 @@ class TrainConfig(_Section):
     # Start from the weights of this run or checkpoint (merged to dense when the method is full);
     # the optimizer, schedule and step count start afresh. See `sltrain densify`.
     init_from: str | None = None
+    # Recompute block activations in the backward instead of keeping them: "none", "full" (every
+    # block) or "every:K" (every K-th block); see sltrain/train/checkpointing.py.
+    activation_checkpointing: str = "none"
+
+    @field_validator("activation_checkpointing")
+    @classmethod
+    def _checkpointing_mode(cls, v: str) -> str:
+        if not re.fullmatch(r"none|full|every:[1-9][0-9]*", v):
+            raise ValueError(f"'{v}' is not a checkpointing mode; pass none, full or every:K "
+                             "(K a positive whole number: every K-th block)")
+        return v
 
     @field_validator("log_to", mode="before")
     @classmethod
@@ -219,6 +231,9 @@ class LossConfig(_RegistrySection):
     reweight_temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
     reweight_delta: float = Field(1.0, gt=0, allow_inf_nan=False)
     reweight_warmup_steps: int = Field(0, ge=0)
+    # Per-token losses run from the final hidden states, this many tokens' float32 logits at a
+    # time (forward and backward) instead of the whole batch's; 0 = full logits.
+    chunk_tokens: int = Field(1024, ge=0)
 
 
 class PruneConfig(_Section):

@@ -44,7 +44,8 @@ class EvalSet:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Token-weighted val_loss, val_ppl and val_tokens of `model` on these blocks."""
         return evaluate(model.to(self.device), self.blocks, self.cfg.train.batch_size,
-                        self.batches, self.device, autocast_for(self.cfg, self.device))
+                        self.batches, self.device, autocast_for(self.cfg, self.device),
+                        chunk_tokens=self.cfg.loss.chunk_tokens)
 
 
 def run_eval_config(run_cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:

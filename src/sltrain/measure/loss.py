@@ -11,19 +11,45 @@ import torch.nn.functional as F
 from torch import nn
 
 from sltrain.data.packing import Blocks
-from sltrain.train.distributed import World
+from sltrain.model.llama import Llama
+from sltrain.train.distributed import World, unwrap
+from sltrain.train.losses import cross_entropy, head_loss
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
 
+def plain_head(model: nn.Module) -> nn.Linear | None:
+    """`model`'s lm_head when the chunked losses can take its hidden states and head weight
+    instead of its logits (our decoder with a dense, bias-free head), else None."""
+    model = unwrap(model)
+    head = getattr(model, "lm_head", None)
+    if isinstance(model, Llama) and type(head) is nn.Linear and head.bias is None:
+        return head
+    return None
+
+
+def token_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 autocast: AbstractContextManager, chunk_tokens: int = 0) -> torch.Tensor:
+    """Per-token cross-entropy (flat) of `model` on inputs `x`, targets `y`: with `chunk_tokens`
+    from the final hidden states, `chunk_tokens` logits rows at a time (`losses.head_loss`)."""
+    head = plain_head(model) if chunk_tokens else None
+    with autocast:
+        if head is None:
+            return lm_loss(model(x), y, reduction="none")
+        hidden = model(x, return_hidden=True)
+        # The weight read after the forward: FSDP2 has gathered it there.
+        return head_loss(cross_entropy, hidden, head.weight, y, "none", chunk_tokens)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, blocks: Blocks, batch_size: int, max_batches: int, device: torch.device,
-    autocast: AbstractContextManager, world: World | None = None,
+    autocast: AbstractContextManager, world: World | None = None, chunk_tokens: int = 0,
 ) -> dict[str, float]:
-    """Token-weighted mean loss over the first `max_batches * batch_size` blocks (all if fewer).
+    """Token-weighted mean loss over the first `max_batches * batch_size` blocks (all if fewer);
+    `chunk_tokens` > 0 never forms more logits rows than that at once (`token_losses`).
 
     Under torchrun each rank takes every `world.size`-th block and the sums are reduced; every
     rank runs the same number of forward passes (FSDP gathers weights in each), padding with a
@@ -42,13 +68,9 @@ def evaluate(
         counted = min(len(idx), max(0, len(mine) - start))
         x, y = blocks.batch(idx)
         x, y = x.to(device), y.to(device)
-        with autocast:
-            logits = model(x)
-        if counted == len(idx):
-            total_loss += lm_loss(logits, y, reduction="sum").item()
-        else:  # a padded batch: count only this rank's own blocks
-            rows = lm_loss(logits, y, reduction="none").view(len(idx), -1).sum(1)
-            total_loss += rows[:counted].sum().item()
+        # A padded batch counts only this rank's own blocks.
+        rows = token_losses(model, x, y, autocast, chunk_tokens).view(len(idx), -1)
+        total_loss += rows[:counted].sum().item()
         total_tokens += counted * y.shape[1]
     if world.active:
         total_loss, tokens = world.sum([total_loss, float(total_tokens)])

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from sltrain.errors import UserError
 from sltrain.registry import NORMS, Options
@@ -231,6 +232,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    # Set by train.checkpointing: recompute this block's activations in the backward.
+    checkpointed = False
+
     def __init__(self, cfg: LlamaConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = make_norm(cfg)
@@ -311,7 +315,9 @@ class Llama(nn.Module):
         else:
             raise TypeError(f"cannot initialise {type(module).__name__}: give it init_weights")
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
+        """Logits (batch, seq, vocab); with `return_hidden`, the final normalised hidden states
+        (batch, seq, dim) that `lm_head` would map to them (the chunked losses take these)."""
         T = idx.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -320,5 +326,9 @@ class Llama(nn.Module):
         if self.embed_proj is not None:
             x = self.embed_proj(x)
         for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))
+            if layer.checkpointed and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)

@@ -25,7 +25,7 @@ from sltrain.device import autocast_for, resolve_device
 from sltrain.errors import UserError
 from sltrain.measure import PeakMemory, count_parameters, estimate_memory, measure_memory
 from sltrain.measure.health import health_record
-from sltrain.measure.loss import evaluate
+from sltrain.measure.loss import evaluate, plain_head
 from sltrain.model import build_model
 from sltrain.optim import build_optimizer
 from sltrain.optim import validate as validate_optimizer
@@ -40,6 +40,7 @@ from sltrain.run.folder import (
     write_run_files,
 )
 from sltrain.train import distributed
+from sltrain.train.checkpointing import apply_activation_checkpointing
 from sltrain.train.loggers import MetricLoggers
 from sltrain.train.losses import build_loss
 from sltrain.train.prune import Pruner
@@ -226,6 +227,7 @@ class Trainer:
         if init_from:
             init_weights_from(self.raw_model, init_from)
         include_warm_start_params(self.raw_model, cfg)
+        apply_activation_checkpointing(self.raw_model, tc.activation_checkpointing)
         self.model = distributed.wrap(self.raw_model, self.world, self.device)
         self.optimizer = build_optimizer(self.raw_model, cfg.optimizer, cfg.rank, tc.grad_accum)
         self.loss_fn = build_loss(cfg, self.world)  # the objective; evaluation reports cross-entropy
@@ -291,10 +293,16 @@ class Trainer:
         """One micro-batch: forward, loss, backward of loss / grad_accum; returns the loss.
         `sync=False` defers DDP's gradient reduction to the last micro-batch."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        head = plain_head(self.raw_model) if self.loss_fn.chunked else None
         with distributed.no_sync(self.model, last=sync):
-            with self.autocast:
-                logits = self.model(x)
-            loss = self.loss_fn(logits, y)
+            if head is None:
+                with self.autocast:
+                    logits = self.model(x)
+                loss = self.loss_fn(logits, y)
+            else:  # never the whole batch's logits: the loss forms them chunk by chunk
+                with self.autocast:
+                    hidden = self.model(x, return_hidden=True)
+                    loss = self.loss_fn.from_hidden(hidden, head.weight, y)
             (loss / self.cfg.train.grad_accum).backward()
         return loss.item()
 
@@ -351,7 +359,8 @@ class Trainer:
         """val_loss, val_ppl and val_tokens on the run's fixed validation blocks."""
         tc = self.cfg.train
         self.last_eval = evaluate(self.model, self.val_blocks, tc.batch_size, tc.eval_batches,
-                                  self.device, self.autocast, self.world)
+                                  self.device, self.autocast, self.world,
+                                  chunk_tokens=self.cfg.loss.chunk_tokens)
         self.eval_step = self.state.counters.step
         return self.last_eval
 
