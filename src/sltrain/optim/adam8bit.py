@@ -11,6 +11,7 @@ from torch import nn
 from sltrain.config import OptimizerConfig
 from sltrain.errors import UserError
 from sltrain.optim.base import adam_moments_
+from sltrain.optim.rounding import round_into_
 from sltrain.registry import OPTIMIZERS
 
 BLOCKSIZE = 256  # bitsandbytes' block size for blockwise 8-bit optimizer states
@@ -81,9 +82,30 @@ def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> torch.optim.Opti
     bnb = bitsandbytes()
 
     class Adam8bit(bnb.optim.AdamW8bit):
-        """bitsandbytes' AdamW8bit; the two quantisation maps are shared by all parameters."""
+        """bitsandbytes' AdamW8bit; the two quantisation maps are shared by all parameters.
+
+        bitsandbytes computes in float32 but writes a bf16 weight back rounded to nearest (no
+        stochastic rounding: bitsandbytes issue #1165), losing every step below 1/256 of the
+        weight; a bf16 parameter is therefore stepped on a float32 copy of itself and of its
+        gradient, then rounded stochastically (moments are 8-bit, or float32 when small)."""
 
         moment_keys = ("state1", "state2")  # uint8 codes (float32 below MIN_8BIT_SIZE)
+
+        @torch.no_grad()
+        def update_step(self, group, p, gindex, pindex):
+            if p.dtype == torch.float32:
+                return super().update_step(group, p, gindex, pindex)
+            weight, grad = p.data, p.grad
+            p.grad = None  # a gradient must match its parameter's dtype whenever it is set
+            p.data = weight.float()
+            p.grad = grad.float()
+            try:
+                super().update_step(group, p, gindex, pindex)
+                round_into_(weight, p.data)
+            finally:
+                p.grad = None
+                p.data = weight
+                p.grad = grad
 
         def state_bytes(self, p: torch.Tensor, group: dict, element_size: int) -> int:
             return quantized_moments_bytes(p.numel())
