@@ -97,6 +97,34 @@ def test_many_small_adam_steps_move_a_bf16_weight(name):
         assert torch.equal(ref.detach(), torch.ones_like(ref))
 
 
+def test_sliced_bf16_steps_equal_the_unsliced_float32_step():
+    """bf16 updates run on float32 slices of CHUNK elements (bitsandbytes' 8-bit update too):
+    on a weight of 2.5 slices, the states equal those of one float32 step on the same values
+    (rounding does not enter them) and the weight is within two bf16 ulps of its weight."""
+    from sltrain.optim.rounding import CHUNK
+
+    torch.manual_seed(0)
+    start, grad = torch.randn(5 * CHUNK // 2).bfloat16(), torch.randn(5 * CHUNK // 2).bfloat16()
+    for name in ("adam8bit", "adamw"):
+        results = []
+        for dtype in (torch.bfloat16, torch.float32):
+            model = torch.nn.Linear(start.numel() // 256, 256, bias=False)
+            model.weight.data = start.view(256, -1).t().contiguous().to(dtype)
+            cfg = load_config(None, {"optimizer.name": name, "optimizer.lr": 1e-2}).optimizer
+            opt = build_optimizer(model, cfg, rank=8)
+            for _ in range(2):
+                model.weight.grad = grad.view(256, -1).t().contiguous().to(dtype)
+                opt.step()
+            results.append((model.weight.detach().float(), opt.state[model.weight]))
+        (w16, s16), (w32, s32) = results
+        for key, value in s32.items():
+            if name == "adam8bit" and key in ("state1", "state2", "absmax1", "absmax2"):
+                assert torch.equal(s16[key], value), key
+        # Two roundings of at most one ulp (2^-7 relative) each; lr 1e-2 moved no weight further.
+        assert ((w16 - w32).abs() <= (w32.abs() + 0.02) * 2**-6).all()
+        assert (w16 != start.view(256, -1).t().float()).float().mean() > 0.9
+
+
 def _sum_of_steps(name, dtype, grads, steps=40):
     """Each parameter's displacement after `steps` updates with a fixed gradient from weights
     in [1, 1.5), where bf16's half-ulp is 2^-8: every single step is below it."""

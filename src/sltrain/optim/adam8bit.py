@@ -11,7 +11,7 @@ from torch import nn
 from sltrain.config import OptimizerConfig
 from sltrain.errors import UserError
 from sltrain.optim.base import adam_moments_
-from sltrain.optim.rounding import round_into_
+from sltrain.optim.rounding import LOW_PRECISION, flat_chunks, round_into_
 from sltrain.registry import OPTIMIZERS
 
 BLOCKSIZE = 256  # bitsandbytes' block size for blockwise 8-bit optimizer states
@@ -76,6 +76,28 @@ def adam_direction_8bit(grad: torch.Tensor, state: dict, beta1: float, beta2: fl
     return direction, correction
 
 
+def low_precision_update(opt: torch.optim.Optimizer, group: dict, p: torch.Tensor, gindex: int,
+                         pindex: int) -> None:
+    """bitsandbytes' blockwise 8-bit AdamW step (its update_step's call) for a bf16 parameter, on
+    float32 slices of weight and gradient that are rounded back stochastically. Blocks of 256
+    are independent, so slicing at multiples of 256 gives the unsliced step."""
+    F, state = bitsandbytes().functional, opt.state[p]
+    config = opt.get_config(gindex, pindex, group)
+    state["step"] += 1
+    (beta1, beta2, *beta3), tensors = config["betas"], (p, p.grad.contiguous(), state["state1"],
+                                                        state["state2"])
+    for start, (weight, grad, state1, state2) in flat_chunks(*tensors):
+        blocks = slice(start // BLOCKSIZE, (start + weight.numel() + BLOCKSIZE - 1) // BLOCKSIZE)
+        w = weight.float()
+        F.optimizer_update_8bit_blockwise(
+            opt.optimizer_name, grad.float(), w, state1, state2, beta1, beta2,
+            beta3[0] if beta3 else 0.0, config.get("alpha", 0.0), config["eps"], state["step"],
+            config["lr"], state["qmap1"], state["qmap2"], state["absmax1"][blocks],
+            state["absmax2"][blocks], config["weight_decay"], gnorm_scale=1.0,
+            skip_zeros=config["skip_zeros"])
+        round_into_(weight, w)
+
+
 def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> torch.optim.Optimizer:
     from sltrain.optim import param_groups
 
@@ -86,16 +108,18 @@ def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> torch.optim.Opti
 
         bitsandbytes computes in float32 but writes a bf16 weight back rounded to nearest (no
         stochastic rounding: bitsandbytes issue #1165), losing every step below 1/256 of the
-        weight; a bf16 parameter is therefore stepped on a float32 copy of itself and of its
-        gradient, then rounded stochastically (moments are 8-bit, or float32 when small)."""
+        weight; a bf16 parameter is therefore stepped by bitsandbytes' own update on float32
+        copies, slice by slice, and rounded back stochastically (see `low_precision_update`)."""
 
         moment_keys = ("state1", "state2")  # uint8 codes (float32 below MIN_8BIT_SIZE)
 
         @torch.no_grad()
         def update_step(self, group, p, gindex, pindex):
-            if p.dtype == torch.float32:
+            if p.dtype not in LOW_PRECISION:
                 return super().update_step(group, p, gindex, pindex)
-            weight, grad = p.data, p.grad
+            if self.state[p]["state1"].dtype == torch.uint8:
+                return low_precision_update(self, group, p, gindex, pindex)
+            weight, grad = p.data, p.grad  # below MIN_8BIT_SIZE: small float32-state tensors
             p.grad = None  # a gradient must match its parameter's dtype whenever it is set
             p.data = weight.float()
             p.grad = grad.float()

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from sltrain.optim.rounding import round_into_
+from sltrain.optim.rounding import LOW_PRECISION, flat_chunks, round_into_
 
 # Adam as in the GaLore/Fira reference code (transformers' AdamW): eps is added to sqrt(v) before
 # the bias correction, which is folded into the step size. Kept identical so that the subspace
@@ -25,12 +25,15 @@ def adam_moments_(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.T
 
     bf16 moments are updated in float32 and rounded back stochastically: in bf16 itself
     v * 0.999 rounds back to v, so the second moment could never decay."""
-    if exp_avg.dtype != torch.float32:
-        m, v = exp_avg.float(), exp_avg_sq.float()
-        direction, correction = adam_moments_(m, v, grad.float(), beta1, beta2, eps, step)
-        round_into_(exp_avg, m)
-        round_into_(exp_avg_sq, v)
-        return direction.to(grad.dtype), correction
+    if exp_avg.dtype in LOW_PRECISION:
+        direction = torch.empty_like(grad)
+        for _, (m16, v16, g, d) in flat_chunks(exp_avg, exp_avg_sq, grad.contiguous(), direction):
+            m, v = m16.float(), v16.float()
+            chunk, correction = adam_moments_(m, v, g.float(), beta1, beta2, eps, step)
+            round_into_(m16, m)
+            round_into_(v16, v)
+            d.copy_(chunk)
+        return direction, correction
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     denom = exp_avg_sq.sqrt().add_(eps)
@@ -68,14 +71,15 @@ def apply_update_(p: torch.Tensor, update: torch.Tensor, alpha: float, group: di
     """p <- p (1 - lr wd) + alpha update, the weight write of every optimizer here. A float32
     weight is updated in place; a bf16 one (`--precision bf16`) in float32 and then rounded
     stochastically, so a step far below bf16's resolution still moves it in expectation."""
-    if p.dtype == torch.float32:
+    if p.dtype not in LOW_PRECISION:
         decay_(p, group)
         p.add_(update, alpha=alpha)
         return
-    w = p.float()
-    decay_(w, group)
-    w.add_(update.float(), alpha=alpha)
-    round_into_(p, w)
+    for _, (weight, step) in flat_chunks(p, update.contiguous()):
+        w = weight.float()
+        decay_(w, group)
+        w.add_(step.float(), alpha=alpha)
+        round_into_(weight, w)
 
 
 class SltrainOptimizer(torch.optim.Optimizer):

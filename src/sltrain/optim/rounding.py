@@ -7,9 +7,18 @@ below bf16's resolution (1/256 relative) still moves a weight or a moment instea
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+# Elements per slice of a bf16 update: its float32 temporaries (about 12 bytes an element) stay
+# ~12 MiB instead of three float32 copies of the largest weight. A multiple of bitsandbytes'
+# 256-element blocks, so 8-bit states can be sliced with it.
+CHUNK = 1 << 20
+
+# Storage dtypes whose updates are computed in float32 and rounded back (float64 stays itself).
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class StochasticRounding:
@@ -72,3 +81,15 @@ def round_into_(target: torch.Tensor, source: torch.Tensor) -> None:
                          generator=ROUNDING.generator(source.device))
     bits.add_(source.view(torch.int32)).bitwise_and_(-65536)
     target.copy_(bits.view(torch.float32))
+
+
+def flat_chunks(*tensors: torch.Tensor, size: int = CHUNK) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """(start, matching views) of the flattened `tensors` (equal numel), `size` elements at a
+    time; writing into a view writes the tensor. Not all contiguous: the whole tensors once."""
+    tensors = tuple(_local(t) for t in tensors)
+    if not all(t.is_contiguous() for t in tensors):
+        yield 0, list(tensors)
+        return
+    flats = [t.view(-1) for t in tensors]
+    for start in range(0, flats[0].numel(), size):
+        yield start, [f[start:start + size] for f in flats]
