@@ -125,6 +125,31 @@ def test_sliced_bf16_steps_equal_the_unsliced_float32_step():
         assert (w16 != start.view(256, -1).t().float()).float().mean() > 0.9
 
 
+def test_sliced_float32_8bit_step_is_bitsandbytes_own_bit_for_bit():
+    """On CPU float32 weights take the sliced 8-bit step too (bitsandbytes would dequantise the
+    whole tensor's moments at once); it must be bitsandbytes' unsliced step exactly."""
+    import bitsandbytes as bnb
+
+    from sltrain.optim.rounding import CHUNK
+
+    torch.manual_seed(0)
+    ours = torch.nn.Linear(5 * CHUNK // 512, 256, bias=False)
+    ref = torch.nn.Linear(5 * CHUNK // 512, 256, bias=False)
+    ref.load_state_dict(ours.state_dict())
+    cfg = load_config(None, {"optimizer.name": "adam8bit", "optimizer.lr": 1e-2,
+                             "optimizer.weight_decay": 0.1}).optimizer
+    opt = build_optimizer(ours, cfg, rank=8)
+    ref_opt = bnb.optim.AdamW8bit(ref.parameters(), lr=1e-2, weight_decay=0.1, min_8bit_size=4096)
+    for _ in range(3):
+        grad = torch.randn_like(ours.weight)
+        ours.weight.grad, ref.weight.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref_opt.step()
+    assert torch.equal(ours.weight, ref.weight)
+    for key in ("state1", "state2", "absmax1", "absmax2"):
+        assert torch.equal(opt.state[ours.weight][key], ref_opt.state[ref.weight][key]), key
+
+
 def _sum_of_steps(name, dtype, grads, steps=40):
     """Each parameter's displacement after `steps` updates with a fixed gradient from weights
     in [1, 1.5), where bf16's half-ulp is 2^-8: every single step is below it."""
