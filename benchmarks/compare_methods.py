@@ -1,4 +1,5 @@
-"""The README's quick comparison: the same tokens with each parameterisation, one after another.
+"""The quick comparison of docs/results/compare-methods.md: the same tokens with each
+parameterisation, one after another.
 
 Runs `sltrain train --method M [--optimizer O]` for each method (and optimizer) with otherwise
 identical settings (default preset

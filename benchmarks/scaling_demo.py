@@ -1,5 +1,5 @@
-"""The README's scaling-law demonstration: dense and gradually pruned runs at two model sizes and
-three token budgets, fitted with L(N, D) = E + A/N^alpha + B/D^beta.
+"""The scaling-law demonstration of docs/results/scaling.md: dense and gradually pruned runs at
+two model sizes and three token budgets, fitted with L(N, D) = E + A/N^alpha + B/D^beta.
 
 Each run is `sltrain train` on the embedded corpus; the pruned runs prune the targeted linears by
 magnitude to `--sparsity` between 25% and 75% of the run (cubic ramp), so their average parameter

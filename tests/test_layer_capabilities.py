@@ -1,11 +1,13 @@
 """What each registered layer says it can do (sltrain.parametrize.base.FactoredLinear) holds for it:
-merged() is its forward, refactor_ keeps its weight, its prunable tensors, index buffers and sparse
-counts are its own and add up to what the model-level counts report."""
+merged() is its forward (or, for a layer that is not `mergeable`, every merge refuses in one line),
+refactor_ keeps its weight, its prunable tensors, index buffers and sparse counts are its own and add
+up to what the model-level counts report, and its FLOP counts are the matmuls it runs."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from sltrain.config import load_config
 from sltrain.errors import UserError
@@ -13,7 +15,7 @@ from sltrain.measure import count_parameters, estimate_memory
 from sltrain.measure.health import weight_spectra
 from sltrain.model import build_model
 from sltrain.optim import tricks
-from sltrain.parametrize import DENSE_CAPABILITIES, can, methods_that
+from sltrain.parametrize import DENSE_CAPABILITIES, can, merge, methods_that
 from sltrain.parametrize.base import FactoredLinear
 from sltrain.parametrize.lost import LOSTLinear
 from sltrain.parametrize.sltrain import SparseLowRankLinear
@@ -23,7 +25,7 @@ from sltrain.train import prune
 
 FACTORED = [e.name for e in METHODS.entries()
             if isinstance(e.obj, type) and issubclass(e.obj, FactoredLinear)]
-CAPABILITIES = ("refactorable", "prunable", "has_cycles")
+CAPABILITIES = ("refactorable", "prunable", "has_cycles", "mergeable")
 TINY = {"model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "model.ffn_dim": 128,
         "model.vocab_size": 256, "method.rank": 8, "method.density": 0.2, "optimizer.reset_every": 5}
 
@@ -42,13 +44,21 @@ def layer_of(method: str) -> FactoredLinear:
 
 
 def test_the_built_in_layers_are_all_checked():
-    assert set(FACTORED) >= {"lowrank", "sltrain", "relora", "sparse", "lost"}
+    assert set(FACTORED) >= {"lowrank", "sltrain", "relora", "sparse", "lost", "cola", "cola_m"}
 
 
 @pytest.mark.parametrize("method", FACTORED)
 def test_merged_equals_forward_and_dense_weight(method):
     layer = layer_of(method)
     x = torch.randn(3, 5, 40, dtype=torch.float64)
+    if not layer.mergeable:  # no dense form: every way to one refuses with the layer's reason
+        model = nn.Sequential(layer)
+        for attempt in (layer.merged, layer.dense_weight, layer.spectra_parts, lambda: merge(model)):
+            with pytest.raises(UserError, match="no dense form") as err:
+                attempt()
+            assert str(err.value) == layer.no_dense_form() and "\n" not in str(err.value)
+        assert model[0] is layer  # refused before anything was replaced
+        return
     merged = layer.merged()
     assert isinstance(merged, nn.Linear) and merged.bias is None
     torch.testing.assert_close(merged(x), layer(x), rtol=1e-10, atol=1e-12)
@@ -58,7 +68,6 @@ def test_merged_equals_forward_and_dense_weight(method):
 @pytest.mark.parametrize("method", FACTORED)
 def test_refactor_keeps_the_weight_where_the_class_says_it_can(method):
     layer = layer_of(method)
-    before = layer.dense_weight().clone()
     params = {id(p) for p in layer.parameters()}
     if not layer.refactorable:
         with pytest.raises(TypeError):
@@ -66,6 +75,7 @@ def test_refactor_keeps_the_weight_where_the_class_says_it_can(method):
         with pytest.raises(TypeError):
             tricks.refactor_(layer)
         return
+    before = layer.dense_weight().clone()
     A, B = layer.factors()
     assert {id(A), id(B)} <= params and A.shape == (4, 40) and B.shape == (24, 4)
     tricks.refactor_(layer)
@@ -102,7 +112,7 @@ def test_sparse_counts_are_the_sparse_part(method):
     expected = {"sparse": getattr(layer, values).numel() if values else 0,
                 "sparse_indices": getattr(layer, index).numel() if index else 0}
     assert layer.sparse_counts() == expected
-    if "sparse" in layer.spectra_parts():  # the sparse matrix holds exactly those entries
+    if layer.mergeable and "sparse" in layer.spectra_parts():  # the sparse matrix holds exactly those entries
         assert int(layer.spectra_parts()["sparse"].count_nonzero()) == expected["sparse"]
 
 
@@ -134,8 +144,9 @@ def test_spectra_parts_are_the_layers_own_composition():
     mask = torch.zeros(24 * 40, dtype=torch.bool)
     mask[layer.support.long()] = True
     assert torch.equal(parts["sparse"].flatten() != 0, mask)
-    for method in FACTORED:  # every layer reports at least its weight
-        assert "weight" in layer_of(method).spectra_parts()
+    for method in FACTORED:  # every layer with a dense form reports at least its weight
+        if can(method, "mergeable"):
+            assert "weight" in layer_of(method).spectra_parts()
 
 
 def test_health_reports_the_singular_values_of_the_layers_parts():
@@ -197,3 +208,25 @@ def test_end_cycle_keeps_the_function_and_names_the_restarted_parameters():
     assert {id(p) for p in restarted} == {id(p) for p in layer.factors()}
     torch.testing.assert_close(layer.dense_weight(), before)
     assert set(map(id, layer.trainable_for_warm_start())) == set(map(id, layer.parameters()))
+
+
+@pytest.mark.parametrize("method", FACTORED)
+@pytest.mark.parametrize("frozen", [False, True])
+def test_flop_counts_are_the_matmuls_the_layer_runs(method, frozen):
+    """flops_per_token and backward_flops_per_token against torch's FlopCounterMode (matmuls
+    only) on a real forward and backward; a layer may add its own element-wise work (CoLA's σ),
+    at most a few percent here."""
+    layer = layer_of(method)
+    if frozen and method == "relora":
+        layer.set_warm_start(True)  # W trains, the factors are frozen
+    elif frozen:
+        return
+    tokens = 15
+    x = torch.randn(3, 5, 40, dtype=torch.float64, requires_grad=True)
+    with FlopCounterMode(display=False) as fwd:
+        y = layer(x)
+    with FlopCounterMode(display=False) as bwd:
+        y.sum().backward()
+    for counted, claimed in ((fwd.get_total_flops() / tokens, layer.flops_per_token(tokens)),
+                             (bwd.get_total_flops() / tokens, layer.backward_flops_per_token(tokens))):
+        assert counted <= claimed <= 1.05 * counted, (counted, claimed)

@@ -187,7 +187,8 @@ PUBLISHED = {"llama-60m": (0.36, 0.24, 0.26), "llama-130m": (0.76, 0.52, 0.54),
 @pytest.mark.parametrize("preset", list(PUBLISHED))
 def test_galore_paper_memory_estimates(preset):
     """Ours count exactly (moments r x max(m, n) and an r x min(m, n) projector per matrix);
-    the paper's column is not reproducible to 5% at every size in any one unit (see README),
+    the paper's column is not reproducible to 5% at every size in any one unit
+    (see docs/results/optimizers.md),
     so this holds every entry to 10% and records the gap."""
     for (method, name), published in zip((("full", "adamw"), ("full", "galore"), ("lowrank", "adamw")),
                                          PUBLISHED[preset], strict=True):

@@ -80,6 +80,7 @@ def _print_summary(s: dict[str, Any]) -> None:
 def cmd_memory(args: argparse.Namespace) -> int:
     from sltrain.device import weight_dtype
     from sltrain.measure import count_parameters
+    from sltrain.measure.flops import format_flops, model_flops
     from sltrain.measure.memory import estimate_for
     from sltrain.model import build_model
     from sltrain.parametrize.base import FactoredLinear
@@ -91,7 +92,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
     mem = estimate_for(cfg, args.precision, model)
     report = {"preset": cfg.model.preset, "method": cfg.method.name, "precision": args.precision,
               "dtype": _dtype_name(dtype),
-              "optimizer": cfg.optimizer.name, "params": counts, "bytes": mem.to_dict()}
+              "optimizer": cfg.optimizer.name, "params": counts, "bytes": mem.to_dict(),
+              "flops_per_token": model_flops(model, cfg.data.seq_len, cfg.train.batch_size)}
     # The chosen method's own options (rank, lora_alpha, density, ...), the preset's where unset.
     options = cfg.method_options()
     report.update({k: v for k, v in options.items() if k not in report})
@@ -115,6 +117,10 @@ def cmd_memory(args: argparse.Namespace) -> int:
             ("total", mem.total)]
     for name, n in rows:
         print(f"  {name:<24} {_fmt_bytes(n):>12}   {n:>16,} B")
+    flops = report["flops_per_token"]
+    print(f"FLOPs per token: forward {format_flops(flops['forward'])}, training "
+          f"{format_flops(flops['train'])} (forward + backward, seq_len {cfg.data.seq_len}, "
+          f"micro-batch {cfg.train.batch_size})")
     return 0
 
 
@@ -330,12 +336,30 @@ def build_parser() -> argparse.ArgumentParser:
     return cli_args.build_parser(HANDLERS, __doc__.splitlines()[0])
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's flush at exit cannot fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (io.UnsupportedOperation is both)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that left shows here, not in the interpreter's exit
+        return code
     except UserError as e:
         print(f"sltrain: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader left (`sltrain bench list | head`): nothing to report
+        _silence_stdout()
+        return 141  # what a shell reports for a process ended by SIGPIPE
+    except OSError as e:  # a path no library check caught (a full disk, a vanished folder)
+        from sltrain.files import os_error_line
+
+        print(f"sltrain: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sltrain: interrupted", file=sys.stderr)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.fields import FieldInfo
 
 from sltrain.errors import UserError
+from sltrain.files import read_json
 from sltrain.registry import LOSSES, METHODS, NORMS, OPTIMIZERS, REGISTRIES, SCHEDULES, Registry
 
 if sys.version_info >= (3, 11):
@@ -290,6 +291,13 @@ class RunConfig(_Section):
                 chosen.validate(self)
         return self
 
+    @model_validator(mode="after")
+    def _dims_build(self) -> RunConfig:
+        from sltrain.model.llama import check_dims  # loads torch: only once a config is built
+
+        check_dims(self.model_dims())
+        return self
+
     # ---- derived values -------------------------------------------------------------------
     @property
     def preset(self) -> Preset:
@@ -460,7 +468,7 @@ def saved_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.json); pass the folder of a run")
-    saved = json.loads(path.read_text())
+    saved = read_json(path, "restore it from a backup, or start a new run with another --out-dir")
     saved.pop("derived", None)
     saved.pop("derived_from", None)  # what wrote a model-only run (convert, densify, soup)
     return saved

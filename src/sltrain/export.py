@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 from sltrain.data.tokenizer import META_FILE
 from sltrain.errors import UserError
+from sltrain.files import writable_dir
 from sltrain.parametrize import merge
 from sltrain.run.checkpoint import STATE_FILE, find_checkpoint
 from sltrain.run.folder import load_run_model, run_tokenizer
@@ -67,6 +69,7 @@ def export_hf(path: Path, out: Path, dtype: str = "float32", force: bool = False
         raise UserError(f"{out} holds a run or checkpoint; export into another folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"{out} is not empty; pass --force to overwrite its files or choose another")
+    writable_dir(out, "OUT", create=False)
     model, cfg, ckpt = load_run_model(ckpt)
     if cfg.model.norm != "pre_rmsnorm" or cfg.model.embed_proj:
         raise UserError(f"the run uses --norm {cfg.model.norm}"
@@ -94,7 +97,7 @@ def export_hf(path: Path, out: Path, dtype: str = "float32", force: bool = False
         tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=eos,
         model_max_length=dims["max_seq_len"])
 
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out, "OUT")
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(out)
     hf_tok.save_pretrained(out)
@@ -116,7 +119,7 @@ def is_hf_export(path: Path) -> bool:
     """A folder transformers loads (its config.json names a model_type); run folders have none."""
     try:
         return "model_type" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         return False
 
 
@@ -137,7 +140,7 @@ def load_hf_model(path: Path) -> tuple[nn.Module, Any]:
     transformers.utils.logging.disable_progress_bar()
     try:
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{path} cannot be loaded by transformers ({first})") from None
     return _Logits(hf_model).eval(), hf_model.config

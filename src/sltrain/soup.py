@@ -27,6 +27,7 @@ from sltrain.data.tokenizer import fingerprint as tokenizer_fingerprint
 from sltrain.data.tokenizer import load_tokenizer
 from sltrain.errors import UserError
 from sltrain.evaluate import check_max_batches, eval_set, run_eval_config
+from sltrain.files import writable_dir
 from sltrain.model import build_model
 from sltrain.parametrize import merge
 from sltrain.run.folder import load_run_model, save_model_run
@@ -126,6 +127,7 @@ def make_soup(paths: list[Path], out: Path, recipe: str = "uniform",
         raise UserError("a soup needs at least one checkpoint; pass run or checkpoint folders")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder; pass a new --out")
+    writable_dir(out, "--out", create=False)
     check_max_batches(max_batches)
     ingredients = [load_ingredient(p) for p in paths]
     check_compatible(ingredients)

@@ -18,6 +18,7 @@ from typing import Any
 from sltrain.bench.suite import OPS, Check
 from sltrain.config import tomllib
 from sltrain.errors import UserError
+from sltrain.files import writable_dir
 
 _NUMERIC = ("seed", "steps", "tokens", "val_loss", "val_ppl", "params_total", "params_trainable",
             "est_memory_bytes", "peak_memory_bytes", "tok_per_s", "wall_time_s", "jobs",
@@ -29,14 +30,18 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass the folder `sltrain bench` wrote "
                         "(it holds results.csv)")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "val_ppl" not in rows[0]:
-        raise UserError(f"{path} holds no bench results; rerun the suite to rewrite it")
-    for r in rows:
-        for k in _NUMERIC:
-            r[k] = float(r[k]) if r.get(k) not in (None, "") else None
-        r["baseline"] = r.get("baseline") == "True"
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or "val_ppl" not in rows[0]:
+            raise UserError(f"{path} holds no bench results; rerun the suite to rewrite it")
+        for r in rows:
+            for k in _NUMERIC:
+                r[k] = float(r[k]) if r.get(k) not in (None, "") else None
+            r["baseline"] = r.get("baseline") == "True"
+    except (ValueError, csv.Error) as e:  # UnicodeDecodeError is a ValueError
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path} is damaged ({first}); rerun the suite to rewrite it") from None
     return rows
 
 
@@ -119,8 +124,7 @@ def render(folder: Path, out: Path | None = None) -> Path:
     """Write report.md and the plots for the results.csv in `folder` (into `out`, default the
     same folder); return the report's path."""
     rows = read_results(folder / "results.csv")
-    out = out or folder
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(out or folder, "--report-dir")
     variants = group(rows)
     base = next((v for v in variants.values() if any(r["baseline"] for r in v.rows)),
                 next(iter(variants.values())))

@@ -9,7 +9,6 @@ at most the runs in flight (and those resume from their last checkpoint).
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import subprocess
@@ -26,6 +25,7 @@ from sltrain.bench.report import render
 from sltrain.bench.suite import RunSpec, Suite, load_suite
 from sltrain.config import flatten, load_config, saved_config
 from sltrain.errors import UserError
+from sltrain.files import read_json, read_jsonl, writable_dir
 from sltrain.run.checkpoint import list_checkpoints
 
 COLUMNS = [
@@ -40,8 +40,8 @@ COLUMNS = [
 def _read_summary(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "summary.json"
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
+        return read_json(path, "") if path.is_file() else None
+    except UserError:  # damaged: the run counts as unfinished
         return None
 
 
@@ -66,8 +66,7 @@ def _val_curve(run_dir: Path) -> str:
     if not path.is_file():
         return ""
     points = []
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
+    for r in read_jsonl(path, "delete that run's folder to run it again", torn_tail_ok=True):
         if "val_loss" in r:
             points.append(f"{r['tokens']}:{r['val_loss']:.5f}")
     return " ".join(points)
@@ -76,11 +75,14 @@ def _val_curve(run_dir: Path) -> str:
 def _previous_rows(path: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames != COLUMNS:
-            return {}  # written by another version: rebuilt from the run folders
-        return {r["run"]: r for r in reader}
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != COLUMNS:
+                return {}  # written by another version: rebuilt from the run folders
+            return {r["run"]: r for r in reader}
+    except (ValueError, csv.Error):  # damaged (UnicodeDecodeError is a ValueError): rebuilt too
+        return {}
 
 
 def _last_error(log: Path) -> str:
@@ -118,6 +120,7 @@ class SuiteRunner:
 
     def check_reusable(self) -> None:
         """Refuse to mix results: a run folder made by a different config must not be reused."""
+        writable_dir(self.out, "--out", create=False)
         for run in self.runs:
             wanted = load_config(None, self.overrides(run)).to_dict()
             clash = _config_clash(self.run_dir(run), wanted)
@@ -208,7 +211,7 @@ class SuiteRunner:
             return 0
 
     def run(self) -> list[dict[str, Any]]:
-        self.out.mkdir(parents=True, exist_ok=True)
+        writable_dir(self.out, "--out")
         shutil.copyfile(self.suite.path, self.out / "suite.toml")
         self.steps = {r.name: load_config(None, self.overrides(r)).train.steps for r in self.runs}
         bar = tqdm(total=sum(self.steps.values()), unit="step", disable=not self.progress, dynamic_ncols=True,

@@ -30,6 +30,7 @@ from sltrain.data import tokenizer as bpe
 from sltrain.data.packing import pack
 from sltrain.data.tokenizer import load_tokenizer, save_tokenizer
 from sltrain.errors import UserError
+from sltrain.files import writable_dir
 
 # A default validation set larger than this buys no precision (GaLore evaluates on 10M tokens).
 VAL_TOKENS_CAP = 10_000_000
@@ -262,7 +263,9 @@ def prepare(
     --out`). `progress=None` shows a bar on a terminal only.
     """
     path = corpus.resolve(cfg.source)
-    if not streaming.is_hf(cfg.source) and path.is_dir() and tokens.is_token_folder(path):
+    # A folder with train.bin is a token folder even when its meta.json is damaged (then refused).
+    if not streaming.is_hf(cfg.source) and path.is_dir() and (
+            tokens.is_token_folder(path) or (path / "train.bin").is_file()):
         data = _from_token_folder(path, cfg, tokenizer_file)
     else:
         reader = _Reader(cfg)
@@ -330,6 +333,7 @@ def write_token_folder(data: PreparedData, out: Path,
         raise UserError(f"{out} exists and is not a prepared data folder; pass a new or empty --out")
     if data.folder is not None and out.resolve() == data.folder.resolve():
         return data.meta
+    writable_dir(out, "--out")
     writers = {s: tokens.StreamWriter(out, s, data.train.dtype) for s in tokens.SPLITS}
     try:
         for split, stream in (("train", data.train), ("val", data.val)):

@@ -43,6 +43,7 @@ from sltrain.data import tokenizer as bpe
 from sltrain.data.packing import Blocks
 from sltrain.device import autocast_for, resolve_device
 from sltrain.errors import UserError
+from sltrain.files import writable_dir
 from sltrain.run.folder import load_run_model
 from sltrain.train.losses import IGNORE_INDEX, cross_entropy
 
@@ -152,6 +153,7 @@ def _check_choice(keep: float, drop: str) -> None:
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not tokens.is_token_folder(out))):
         raise UserError(f"{out} exists and is not a prepared data folder; pass a new or empty --out")
+    writable_dir(out, "--out", create=False)
 
 
 def select(scores: np.ndarray, keep: float, drop: str = "easy", seed: int = 0) -> np.ndarray:
@@ -172,6 +174,7 @@ def write_pruned(data: PreparedData, seq_len: int, kept: np.ndarray, out: Path,
                  record: dict[str, Any]) -> dict[str, Any]:
     """Write the token folder `out` holding the kept blocks (see the module docstring)."""
     _check_out(out)
+    writable_dir(out, "--out")
     stream, T = data.train, seq_len
     writers = {s: tokens.StreamWriter(out, s, stream.dtype) for s in tokens.SPLITS}
     try:

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from sltrain.data.tokens import write_atomic
 from sltrain.errors import UserError
+from sltrain.files import read_json
 
 EOS = "<|endoftext|>"
 BPE = "bpe"
@@ -32,6 +33,9 @@ def cache_dir() -> Path:
 
 
 def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
+    # Each merge joins two tokens of the text, so no more than its bytes (plus the 256 of the
+    # alphabet and EOS) can be learnt; asking for more only makes the trainer allocate for them.
+    vocab_size = min(vocab_size, 257 + sum(len(t.encode()) for t in texts))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -53,7 +57,10 @@ def load_or_train(texts_fn, vocab_size: int, fingerprint: str) -> tuple[Tokenize
     key = hashlib.sha256(f"bpe-v1|{fingerprint}|{vocab_size}".encode()).hexdigest()[:16]
     path = cache_dir() / "tokenizers" / f"bpe-{vocab_size}-{key}.json"
     if path.is_file():
-        return Tokenizer.from_file(str(path)), path
+        try:
+            return Tokenizer.from_file(str(path)), path
+        except Exception:  # a damaged cache entry (tokenizers raises bare Exceptions): rebuild it
+            pass
     tok = train_bpe(texts_fn(), vocab_size)
     write_atomic(path, tok.to_str(pretty=True))
     return tok, path
@@ -91,10 +98,9 @@ def load_tokenizer(path: Path) -> tuple[Tokenizer, str]:
         raise UserError(f"tokenizer file {file} cannot be read ({e}); restore it") from None
     meta = file.with_name(META_FILE)
     if meta.is_file():
-        try:
-            eos = json.loads(meta.read_text())["eos_token"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{meta} is damaged ({e}); restore it") from None
+        eos = read_json(meta, "restore it").get("eos_token")
+        if not isinstance(eos, str):
+            raise UserError(f"{meta} is damaged (no eos_token string); restore it")
     else:
         eos = next((t for t in _KNOWN_EOS if tok.token_to_id(t) is not None), None)
         if eos is None:
@@ -128,6 +134,10 @@ def load_pretrained(spec: str) -> tuple[Tokenizer, str]:
         hf = AutoTokenizer.from_pretrained(spec)
     except Exception as e:  # OSError offline or unknown name, ValueError for odd folders
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if path.is_dir():  # a local folder: its files are damaged, no download will help
+            raise UserError(f"tokenizer folder {spec} cannot be loaded ({first}); restore its "
+                            "tokenizer.json and tokenizer_config.json, or pass another "
+                            "--tokenizer") from None
         raise UserError(
             f"tokenizer {spec} cannot be loaded ({first}); download it once with network "
             f"(it is then kept in the Hugging Face cache) and set HF_HUB_OFFLINE=1 to use that "

@@ -16,6 +16,7 @@ import numpy as np
 
 from sltrain.data.corpus import sha256_file
 from sltrain.errors import UserError
+from sltrain.files import read_json
 
 FORMAT = "sltrain-tokens-v1"
 SPLITS = ("train", "val")
@@ -87,8 +88,8 @@ def read_meta(folder: Path, fix: str) -> dict[str, Any]:
     path = folder / META
     if not path.is_file():
         raise UserError(f"{folder} has no {META}; {fix}")
+    meta = read_json(path, fix)
     try:
-        meta = json.loads(path.read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, not {FORMAT}")
         np.dtype(meta["dtype"])

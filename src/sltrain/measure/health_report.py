@@ -12,6 +12,7 @@ from typing import Any
 
 from sltrain.data import Blocks, prepare, prepare_options
 from sltrain.errors import UserError
+from sltrain.files import writable_dir
 from sltrain.measure.health import health_record, plot_spectra, weight_spectra
 from sltrain.run.folder import load_run_model
 
@@ -21,6 +22,8 @@ def health_report(run: Path, out: Path | None = None, blocks: int = 16,
     """`sltrain health`: measure the newest checkpoint of `run` (or the checkpoint `run`) on
     `blocks` validation blocks, write OUT/health.json and OUT/spectrum.png (OUT defaults to
     RUN/health) and return the report, with `json` and `png` naming the files written."""
+    if out:  # refused before the slow part, and nothing made yet
+        writable_dir(out, "--out", create=False)
     model, cfg, ckpt = load_run_model(run)
     run_dir = ckpt.parent.parent
     data = prepare(cfg.data, cfg.model_dims()["vocab_size"], run_dir, **prepare_options(cfg))
@@ -37,8 +40,7 @@ def health_report(run: Path, out: Path | None = None, blocks: int = 16,
     if unknown:
         raise UserError(f"no learned weight named {unknown[0]}; pass e.g. --layers "
                         f"{next(iter(spectra))}")
-    out = out or run_dir / "health"
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(out or run_dir / "health", "--out")
     report = {"checkpoint": str(ckpt), "blocks": n, **health_record(model, x),
               "weights": {k: {**{f: v for f, v in s.items() if f.endswith("share")},
                               "top_singular_values": s["weight"][:8]}

@@ -19,6 +19,7 @@ from scipy.optimize import minimize
 from scipy.special import huber, logsumexp
 
 from sltrain.errors import UserError
+from sltrain.files import read_json, writable_file
 
 HUBER_DELTA = 1e-3
 N_FREE = 5  # E, A, alpha, B, beta
@@ -154,10 +155,7 @@ def read_runs(run_dirs: list[Path], params: str = "avg") -> tuple[list[dict[str,
         path = d / "summary.json"
         if not path.is_file():
             raise UserError(f"{path} does not exist; pass folders of finished `sltrain train` runs")
-        try:
-            s = json.loads(path.read_text())
-        except ValueError:
-            raise UserError(f"{path} is not JSON; rerun that run or drop it") from None
+        s = read_json(path, "rerun that run or drop it")
         missing = [k for k in ("val_loss", "tokens_seen") if k not in s]
         if missing:
             raise UserError(f"{path} has no {missing[0]}; pass folders of finished runs")
@@ -168,8 +166,11 @@ def read_runs(run_dirs: list[Path], params: str = "avg") -> tuple[list[dict[str,
             fallback.append(d.name)
         else:
             raise UserError(f"{path} has neither {key} nor params.trainable; rerun that run")
-        runs.append({"run": str(d), "N": float(n), "D": float(s["tokens_seen"]),
-                     "L": float(s["val_loss"])})
+        try:
+            runs.append({"run": str(d), "N": float(n), "D": float(s["tokens_seen"]),
+                         "L": float(s["val_loss"])})
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path} is damaged ({e}); rerun that run or drop it") from None
     notes = []
     if fallback:
         notes.append(f"{len(fallback)} of {len(runs)} runs have no {key} in summary.json "
@@ -186,6 +187,7 @@ def plot(fit: ScalingFit, N: np.ndarray, D: np.ndarray, L: np.ndarray, out: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    writable_file(out, "--plot")
     N, D, L = (np.asarray(v, dtype=float) for v in (N, D, L))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     grid = np.geomspace(D.min() / 1.5, D.max() * 1.5, 200)
@@ -201,7 +203,6 @@ def plot(fit: ScalingFit, N: np.ndarray, D: np.ndarray, L: np.ndarray, out: Path
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
@@ -213,6 +214,9 @@ def fit_runs(run_dirs: list[Path], params: str = "avg", samples: int = 200,
     """`sltrain scaling fit`: fit the law to the runs' summaries, with `samples` bootstrap
     intervals, each run's residual, the loss predicted at (N, D) = `at`, and optionally a plot
     and the report as JSON. Returns the report (plus the paths written as `plot` and `json`)."""
+    for path, flag in ((plot_to, "--plot"), (json_to, "--json")):
+        if path:  # refused before the fit, and nothing made yet
+            writable_file(path, flag, create=False)
     runs, notes = read_runs(run_dirs, params)
     N, D, L = (np.array([r[k] for r in runs]) for k in "NDL")
     law = fit(N, D, L)
@@ -229,7 +233,6 @@ def fit_runs(run_dirs: list[Path], params: str = "avg", samples: int = 200,
     if plot_to:
         written["plot"] = str(plot(law, N, D, L, plot_to))
     if json_to:
-        json_to.parent.mkdir(parents=True, exist_ok=True)
-        json_to.write_text(json.dumps(report, indent=2))
+        writable_file(json_to, "--json").write_text(json.dumps(report, indent=2))
         written["json"] = str(json_to)
     return {**report, **written}

@@ -11,6 +11,7 @@ from typing import Any
 
 from sltrain.config import RunConfig, load_config
 from sltrain.errors import UserError
+from sltrain.files import writable_file
 from sltrain.registry import SCHEDULES
 from sltrain.train.schedule import multiplier
 
@@ -40,6 +41,8 @@ def schedule_preview(config: str | None, overrides: dict[str, Any], every_step: 
     every registered schedule with the same flags if `compare`; `skipped` names those refused)."""
     if compare and not plot_to:
         raise UserError("--compare draws a figure; pass --plot OUT.png too")
+    if plot_to:
+        writable_file(plot_to, "--plot", create=False)
     cfg = load_config(config, overrides)
     total, peak = cfg.train.steps, cfg.optimizer.lr
     at = {step: multiplier(cfg, step) for step in (range(total) if every_step else [])}
@@ -77,7 +80,6 @@ def plot_curves(curves: dict[str, list[float]], out: Path, title: str = "") -> P
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(writable_file(out, "--plot"), dpi=120)
     plt.close(fig)
     return out

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from sltrain.config import RunConfig
+from sltrain.errors import UserError
 from sltrain.model.llama import Llama, LlamaConfig
 from sltrain.parametrize import ParamSpec, apply
 
@@ -19,8 +20,16 @@ def param_spec(cfg: RunConfig) -> ParamSpec:
 
 def build_model(cfg: RunConfig, device: str | torch.device = "cpu") -> nn.Module:
     """A freshly initialised model; on device "meta" nothing is allocated (for accounting)."""
-    with torch.device(device):
-        model = Llama(LlamaConfig(**cfg.model_dims()))
-        if str(device) != "meta":
-            model.init_weights(cfg.model.init_std)
-        return apply(model, param_spec(cfg))
+    try:
+        with torch.device(device):
+            model = Llama(LlamaConfig(**cfg.model_dims()))
+            if str(device) != "meta":
+                model.init_weights(cfg.model.init_std)
+            return apply(model, param_spec(cfg))
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError) and "alloc" not in str(e).lower():
+            raise
+        d = cfg.model_dims()
+        raise UserError(f"the model (--dim {d['dim']}, --n-layers {d['n_layers']}, --vocab-size "
+                        f"{d['vocab_size']}) does not fit in {device} memory; pass smaller sizes "
+                        "(`sltrain memory` counts them)") from None

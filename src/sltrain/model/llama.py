@@ -63,6 +63,34 @@ class LlamaConfig:
         return self.form.post_ln(self, layer)
 
 
+# Token files store ids as uint32 (data/tokens.py), so no larger vocabulary can be trained on.
+MAX_VOCAB = 2**32
+# A tensor's size in bytes must fit an int64; at up to 8 bytes an element that is 2**60 elements.
+_MAX_NUMEL = 2**60
+
+
+def check_dims(dims: dict[str, Any]) -> None:
+    """Refuse a decoder shape (RunConfig.model_dims()) that cannot be built, as one UserError."""
+    dim, heads, ffn, vocab = dims["dim"], dims["n_heads"], dims["ffn_dim"], dims["vocab_size"]
+    if dim % heads or (dim // heads) % 2:
+        # Rotary embeddings rotate pairs of coordinates, so each head needs an even size.
+        why = (f"does not split into {heads} heads" if dim % heads else
+               f"/ --n-heads {heads} gives heads of odd size {dim // heads}, but rotary "
+               "embeddings need an even size")
+        fits = [h for h in range(1, min(dim, 4 * heads) + 1) if dim % (2 * h) == 0]
+        other = f" or --n-heads {min(fits, key=lambda h: abs(h - heads))}" if fits else ""
+        raise UserError(f"--dim {dim} {why}; pass --dim {-(-dim // (2 * heads)) * 2 * heads}{other}")
+    if vocab > MAX_VOCAB:
+        raise UserError(f"--vocab-size {vocab} is above {MAX_VOCAB:,}, the most token ids a token "
+                        "file stores; pass a smaller --vocab-size")
+    for name, rows, cols in (("token embedding", vocab, dim), ("attention", dim, dim),
+                             ("feed-forward", ffn, dim),
+                             ("rotary table", dims.get("max_seq_len", 1), dim // heads)):
+        if rows * cols > _MAX_NUMEL:
+            raise UserError(f"the {name} weight of --dim {dim} would hold {rows:,} x {cols:,} "
+                            "values, more than one tensor can; pass smaller sizes")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -19,10 +21,17 @@ MIN_8BIT_SIZE = 4096  # smaller tensors keep float32 states (bitsandbytes' defau
 
 
 def bitsandbytes():
+    # Its import warns on stderr when an optional CPU kernel package is absent, which would make
+    # every one-line refusal of a run using 8-bit states two lines; that kernel is not used here.
+    log = logging.getLogger("bitsandbytes")
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
         import bitsandbytes as bnb
     except ImportError:
         raise UserError("8-bit optimizer states need bitsandbytes; pip install bitsandbytes") from None
+    finally:
+        log.setLevel(level)
     return bnb
 
 

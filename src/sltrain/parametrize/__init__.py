@@ -32,13 +32,13 @@ def _register_builtins() -> None:
 _register_builtins()
 
 # What a dense nn.Linear ("full") can do, in the terms of FactoredLinear's class attributes: its
-# weight can be pruned, nothing else applies.
-DENSE_CAPABILITIES = {"prunable": True}
+# weight can be pruned (and is its own dense form), nothing else applies.
+DENSE_CAPABILITIES = {"prunable": True, "mergeable": True}
 
 
 def can(method: str, capability: str) -> bool:
     """Whether registered `method`'s layer class has `capability`, a class attribute of
-    FactoredLinear (refactorable, prunable, has_cycles); needs no model."""
+    FactoredLinear (refactorable, prunable, has_cycles, mergeable); needs no model."""
     cls = METHODS[method].obj
     if isinstance(cls, type) and issubclass(cls, nn.Linear):
         return DENSE_CAPABILITIES.get(capability, False)
@@ -106,8 +106,13 @@ def apply(model: nn.Module, spec: ParamSpec) -> nn.Module:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every re-parameterised layer back into a dense nn.Linear, in place."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FactoredLinear):
-            _replace(model, name, module.merged())
+    """Fold every re-parameterised layer back into a dense nn.Linear, in place. A model with a
+    layer that has no dense form (not `mergeable`, e.g. CoLA) is refused, untouched, in one line:
+    export, densify, soups, convert and --init-from into a dense run all come through here."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, FactoredLinear)]
+    for _, module in layers:
+        if not module.mergeable:
+            raise UserError(module.no_dense_form())
+    for name, module in layers:
+        _replace(model, name, module.merged())
     return model

@@ -67,6 +67,10 @@ class FactoredLinear(nn.Module, ABC):
     has_cycles: ClassVar[bool] = False
     # The key of the event CycleTricks records when the layers end a cycle.
     cycle_event: ClassVar[str] = "cycle_end"
+    # The forward is x W^T for one dense W (`dense_weight()`), which export, densify, soups,
+    # --init-from into a dense model and the weight spectra read. Where it is not (CoLA's
+    # B·σ(A·x)), `no_dense_form()` says why and `parametrize.merge` refuses with it.
+    mergeable: ClassVar[bool] = True
 
     @abstractmethod
     def dense_weight(self) -> torch.Tensor:
@@ -80,6 +84,10 @@ class FactoredLinear(nn.Module, ABC):
                            device=weight.device, dtype=weight.dtype)
         linear.weight.copy_(weight)
         return linear
+
+    def no_dense_form(self) -> str:
+        """Why a layer that is not `mergeable` has no dense weight (one line, for the refusal)."""
+        return f"{type(self).__name__} has no dense weight"
 
     # ---- factors ---------------------------------------------------------------------------------
     def factors(self) -> tuple[nn.Parameter, nn.Parameter] | None:
@@ -128,3 +136,14 @@ class FactoredLinear(nn.Module, ABC):
         """Named dense (out, in) matrices whose singular values describe the layer: "weight" and,
         where the layer sums parts, each part ("low_rank", "sparse") from its own composition."""
         return {"weight": self.dense_weight()}
+
+    # ---- compute ---------------------------------------------------------------------------------
+    def flops_per_token(self, tokens_per_batch: int) -> float:
+        """Forward FLOPs per token (2 per multiply-add of the matmuls), work done once per forward
+        call amortised over its `tokens_per_batch` tokens. Default: a dense x W^T, 2 in out."""
+        return 2.0 * self.in_features * self.out_features
+
+    def backward_flops_per_token(self, tokens_per_batch: int) -> float:
+        """Backward FLOPs per token: the gradients of the input and of every matmul operand cost
+        one matmul each, twice the forward (the "6 N" rule's 4 N) unless the layer says otherwise."""
+        return 2.0 * self.flops_per_token(tokens_per_batch)

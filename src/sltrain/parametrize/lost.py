@@ -106,6 +106,11 @@ class LOSTLinear(FactoredLinear):
     def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
         return self.A, self.B
 
+    def flops_per_token(self, tokens_per_batch: int) -> float:
+        """(x A^T) B^T plus x[..., channels] C^T: 2 r (in + out) + 2 out k."""
+        low = self.rank * (self.in_features + self.out_features)
+        return 2.0 * (low + self.out_features * self.C.shape[1])
+
     def index_buffers(self) -> list[torch.Tensor]:
         return [self.channels]
 

@@ -58,6 +58,9 @@ class LowRankLinear(FactoredLinear):
     def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
         return self.A, self.B
 
+    def flops_per_token(self, tokens_per_batch: int) -> float:
+        return 2.0 * self.rank * (self.in_features + self.out_features)  # (x A^T) B^T
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
 

@@ -89,6 +89,16 @@ class ReLoRALinear(FactoredLinear):
     def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
         return self.A, self.B
 
+    def flops_per_token(self, tokens_per_batch: int) -> float:
+        dense, low = self.in_features * self.out_features, self.rank * (self.in_features + self.out_features)
+        return 2.0 * (dense + low)
+
+    def backward_flops_per_token(self, tokens_per_batch: int) -> float:
+        """The input's gradient through both paths, and the weight gradients of what trains: the
+        factors (outside the warm start) or W (during it)."""
+        dense, low = self.in_features * self.out_features, self.rank * (self.in_features + self.out_features)
+        return 2.0 * (dense + low + dense * self.weight.requires_grad + low * self.A.requires_grad)
+
     def trainable_for_warm_start(self) -> list[nn.Parameter]:
         return [self.weight, self.A, self.B]
 

@@ -149,6 +149,17 @@ class SparseLowRankLinear(FactoredLinear):
     def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
         return self.A, self.B
 
+    def flops_per_token(self, tokens_per_batch: int) -> float:
+        """x W^T, 2 in out, plus composing W = s B A once per forward call (2 out r in)."""
+        n, r = self.in_features * self.out_features, self.rank
+        return 2.0 * n + 2.0 * n * r / tokens_per_batch
+
+    def backward_flops_per_token(self, tokens_per_batch: int) -> float:
+        """dY W and G = dY^T X (4 in out), plus per backward call recomposing W and G A^T, B^T G
+        (3 x 2 out r in); the sparse gather and the scalings are element-wise, not counted."""
+        n, r = self.in_features * self.out_features, self.rank
+        return 4.0 * n + 6.0 * n * r / tokens_per_batch
+
     def prunable_tensors(self) -> list[tuple[str, nn.Parameter]]:
         return [("values", self.values)]
 

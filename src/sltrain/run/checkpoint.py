@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -90,8 +91,17 @@ def load_weights(ckpt: Path, apply: Callable[[dict[str, torch.Tensor]], Any]) ->
 def load_checkpoint(ckpt: Path, apply: Callable[[dict[str, torch.Tensor]], Any]) -> dict[str, Any]:
     """Load the weights through `apply` (see `load_weights`); return the training state."""
     load_weights(ckpt, apply)
+    return load_state(ckpt)
+
+
+def load_state(ckpt: Path) -> dict[str, Any]:
+    """The training state of a checkpoint (step, tokens seen, optimizer, ...); damage is a UserError."""
     with refusing_damage(ckpt):
-        return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "step" not in state:
+        raise UserError(f"checkpoint {ckpt} is damaged ({STATE_FILE} holds no training state); "
+                        "resume from an earlier checkpoint")
+    return state
 
 
 def read_checkpoint(ckpt: Path) -> dict[str, Any]:
@@ -107,9 +117,12 @@ def refusing_damage(ckpt: Path) -> Iterator[None]:
     try:
         yield
     except FileNotFoundError as e:
-        raise UserError(f"checkpoint {ckpt} is incomplete ({e.filename} missing); "
+        missing = next((f for f in (MODEL_FILE, STATE_FILE) if not (ckpt / f).is_file()), e.filename)
+        raise UserError(f"checkpoint {ckpt} is incomplete ({missing} missing); "
                         "resume from an earlier checkpoint") from None
-    except (RuntimeError, OSError, SafetensorError) as e:
-        first = str(e).splitlines()[0]
+    except (RuntimeError, OSError, SafetensorError, pickle.UnpicklingError, EOFError) as e:
+        # torch's refusal of a non-torch file spans a paragraph; its gist is enough here
+        first = ("not a torch file" if isinstance(e, (pickle.UnpicklingError, EOFError))
+                 else (str(e).splitlines() or [type(e).__name__])[0])
         raise UserError(f"checkpoint {ckpt} cannot be loaded ({first}); it is damaged or from a "
                         "different model config") from None

@@ -20,6 +20,7 @@ from torch import nn
 from sltrain.config import RunConfig, build_config, run_clashes
 from sltrain.data.tokenizer import load_tokenizer, save_tokenizer
 from sltrain.errors import UserError
+from sltrain.files import writable_dir
 from sltrain.model import build_model, param_spec
 from sltrain.parametrize import merge
 from sltrain.parametrize.base import FactoredLinear
@@ -28,6 +29,7 @@ from sltrain.run.checkpoint import (
     STATE_FILE,
     find_checkpoint,
     list_checkpoints,
+    load_state,
     load_weights,
     save_checkpoint,
 )
@@ -50,7 +52,12 @@ def checkpoint_config(ckpt: Path) -> RunConfig:
     if meta is None:
         raise UserError(f"{ckpt / MODEL_FILE} records no sltrain config; pass a checkpoint written "
                         "by `sltrain train`")
-    return build_config(json.loads(meta)["config"])
+    try:
+        tree = json.loads(meta)["config"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"the sltrain record in {ckpt / MODEL_FILE} is damaged; restore the "
+                        "checkpoint or use an earlier one") from None
+    return build_config(tree)
 
 
 def load_run_model(path: Path) -> tuple[nn.Module, RunConfig, Path]:
@@ -62,12 +69,18 @@ def load_run_model(path: Path) -> tuple[nn.Module, RunConfig, Path]:
     return model.eval(), cfg, ckpt
 
 
-def write_run_files(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, eos_token: str,
-                    **record: Any) -> None:
-    """config.json (with `record`: what the config derived, or what made the run) and the
-    tokenizer of a run folder."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def write_run_files(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, eos_token: str, *,
+                    flag: str = "--out-dir", config: bool = True, **record: Any) -> None:
+    """The tokenizer and (unless `config=False`) config.json of a run folder, made writable
+    first (`flag` names the option that chose it in the refusal)."""
+    writable_dir(run_dir, flag)
     save_tokenizer(tokenizer, eos_token, run_dir, cfg.data.tokenizer)
+    if config:
+        write_run_config(run_dir, cfg, **record)
+
+
+def write_run_config(run_dir: Path, cfg: RunConfig, **record: Any) -> None:
+    """config.json, with `record`: what the config derived, or what made the run."""
     (run_dir / CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), **record}, indent=2))
 
 
@@ -85,10 +98,11 @@ def save_model_run(weights: dict[str, torch.Tensor], cfg: RunConfig, out: Path, 
     soup) goes to config.json's `derived_from`. Returns the checkpoint folder."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder; pass a new --out")
+    writable_dir(out, "--out", create=False)
     tok, eos = run_tokenizer(source.parent.parent)
-    source_state = torch.load(source / STATE_FILE, map_location="cpu", weights_only=True)
+    source_state = load_state(source)
     step = source_state["step"]
-    write_run_files(out, cfg, tok, eos, derived_from=record)
+    write_run_files(out, cfg, tok, eos, flag="--out", derived_from=record)
     state = {"step": step, "tokens_seen": source_state.get("tokens_seen", 0), "model_only": True}
     return save_checkpoint(out, step, weights, state, checkpoint_meta(cfg, **record), keep=1)
 
@@ -107,7 +121,12 @@ def new_run_dir(cfg: RunConfig) -> Path:
             f"run folder {run_dir} already holds checkpoints{why}; continue it with --resume "
             f"{run_dir} (or --resume auto), or pass another --out-dir"
         )
-    return run_dir
+    # A damaged checkpoint (no training state) is still work: never train over it.
+    damaged = sorted((run_dir / "checkpoints").glob("step_*")) if run_dir.is_dir() else []
+    if damaged:
+        raise UserError(f"run folder {run_dir} holds the incomplete checkpoint {damaged[-1]} (no "
+                        f"{STATE_FILE}); move it away to start over, or pass another --out-dir")
+    return writable_dir(run_dir, "--out-dir", create=False)
 
 
 def init_tokenizer_dir(path: Path) -> Path:

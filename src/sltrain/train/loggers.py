@@ -14,6 +14,7 @@ from typing import Any
 
 from sltrain.config import RunConfig
 from sltrain.errors import UserError
+from sltrain.files import read_jsonl
 
 
 def _require(module: str, extra: str):
@@ -33,9 +34,10 @@ class MetricLoggers:
         if resume_step is None:
             self.jsonl.unlink(missing_ok=True)
         elif self.jsonl.is_file():
-            lines = self.jsonl.read_text().splitlines()
-            keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.jsonl.write_text("".join(ln + "\n" for ln in keep))
+            records = read_jsonl(self.jsonl, "delete it (its records restart at the checkpoint) "
+                                 "or restore it", torn_tail_ok=True)
+            self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in records
+                                          if r.get("step", 0) <= resume_step))
         self.tensorboard = self.wandb = None
         sinks = cfg.train.log_to
         if "tensorboard" in sinks:

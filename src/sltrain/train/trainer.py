@@ -37,6 +37,7 @@ from sltrain.run.folder import (
     init_tokenizer_dir,
     init_weights_from,
     new_run_dir,
+    write_run_config,
     write_run_files,
 )
 from sltrain.train import distributed
@@ -192,6 +193,8 @@ class Trainer:
         self.params = count_parameters(self.raw_model)  # trainable as of the (resumed) step
         self.loggers = (MetricLoggers(run_dir, cfg, self.state.counters.step if ckpt else None)
                         if self.world.main else None)
+        if ckpt and self.world.main:  # a resume that fails on a damaged checkpoint or log keeps it
+            write_run_config(run_dir, cfg, derived=_derived(cfg))
         self.last_eval: dict[str, float] = {}
         self.eval_step = -1
         self.step_time, self.step_tokens = 0.0, 0  # this invocation's update steps only
@@ -207,10 +210,9 @@ class Trainer:
         data = prepare(cfg.data, cfg.model_dims()["vocab_size"], tokenizer_file,
                        **prepare_options(cfg))
         if world.main:
-            derived = {"rank": cfg.rank, "lora_alpha": cfg.lora_alpha, "density": cfg.density,
-                       "warmup_steps": cfg.warmup_steps, "tokens_per_step": cfg.tokens_per_step}
-            # Only once the inputs have proven valid.
-            write_run_files(self.run_dir, cfg, data.tokenizer, data.eos_token, derived=derived)
+            # Only once the inputs have proven valid; a resume's config.json once its checkpoint has.
+            write_run_files(self.run_dir, cfg, data.tokenizer, data.eos_token, config=not ckpt,
+                            derived=_derived(cfg))
             world.barrier()
         self.sampler = BlockSampler(Blocks(data.train, cfg.data.seq_len), tc.batch_size, tc.seed)
         self.val_blocks = Blocks(data.val, cfg.data.seq_len)
@@ -430,6 +432,12 @@ class Trainer:
             self.loggers.close(summary)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def _derived(cfg: RunConfig) -> dict[str, Any]:
+    """What config.json records beside the config: the values derived from it."""
+    return {"rank": cfg.rank, "lora_alpha": cfg.lora_alpha, "density": cfg.density,
+            "warmup_steps": cfg.warmup_steps, "tokens_per_step": cfg.tokens_per_step}
 
 
 def _total_norm(norm: torch.Tensor) -> float:
