@@ -91,8 +91,8 @@ def _memory_parser(sub: Any) -> Parsers:
 def _storage_dtype(value: str) -> str:
     precisions = {"float32": "fp32", "bfloat16": "bf16"}
     if value not in precisions:
-        raise argparse.ArgumentTypeError(f"invalid --dtype '{value}'; use float32 or bfloat16, "
-                                         "or --precision fp32|bf16-mixed|bf16")
+        raise argparse.ArgumentTypeError(f"invalid choice: '{value}' (choose from float32, bfloat16; "
+                                         "or --precision fp32|bf16-mixed|bf16)")
     return precisions[value]
 
 
