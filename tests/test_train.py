@@ -79,7 +79,7 @@ def test_resume_refuses_a_different_model(tiny, tmp_path):
 
 
 STATE_KEYS = {"step", "tokens_seen", "elapsed_s", "skipped_nonfinite", "model", "optimizer",
-              "scheduler", "sampler", "rng", "prune", "tricks"}
+              "scheduler", "sampler", "rng", "prune", "tricks", "rounding"}
 # training_state.pt as runs wrote it before the TrainState (and its "tricks" entry) existed.
 OLD_STATE_KEYS = ("step", "tokens_seen", "sampler", "optimizer", "scheduler", "rng", "elapsed_s",
                   "skipped_nonfinite", "prune")

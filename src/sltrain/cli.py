@@ -78,17 +78,20 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    from sltrain.measure import count_parameters, estimate_memory
+    from sltrain.device import weight_dtype
+    from sltrain.measure import count_parameters
     from sltrain.measure.flops import format_flops, model_flops
-    from sltrain.measure.memory import DTYPES
+    from sltrain.measure.memory import estimate_for
     from sltrain.model import build_model
     from sltrain.parametrize.base import FactoredLinear
 
     cfg = load_config(None, _overrides(args))
     model = build_model(cfg, device="meta")
     counts = count_parameters(model)
-    mem = estimate_memory(model, DTYPES[args.dtype], cfg.optimizer, cfg.rank)
-    report = {"preset": cfg.model.preset, "method": cfg.method.name, "dtype": args.dtype,
+    dtype = weight_dtype(args.precision)
+    mem = estimate_for(cfg, args.precision, model)
+    report = {"preset": cfg.model.preset, "method": cfg.method.name, "precision": args.precision,
+              "dtype": _dtype_name(dtype),
               "optimizer": cfg.optimizer.name, "params": counts, "bytes": mem.to_dict(),
               "flops_per_token": model_flops(model, cfg.data.seq_len, cfg.train.batch_size)}
     # The chosen method's own options (rank, lora_alpha, density, ...), the preset's where unset.
@@ -99,7 +102,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
         return 0
     knobs = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in options.items())
     print(f"{cfg.model.preset} x {cfg.method.name}{f' ({knobs})' if knobs else ''}, "
-          f"{args.dtype} weights and states, {cfg.optimizer.name}"
+          f"--precision {args.precision} ({_dtype_name(dtype)} weights, gradients and states), "
+          f"{cfg.optimizer.name}"
           + (" with per-layer updates" if cfg.optimizer.per_layer_updates else ""))
     print(f"parameters: total {_fmt_count(counts['total'])} ({counts['total']:,}), "
           f"trainable {_fmt_count(counts['trainable'])}, sparse values "

@@ -78,11 +78,22 @@ def _train_parser(sub: Any) -> Parsers:
 
 def _memory_parser(sub: Any) -> Parsers:
     p = sub.add_parser("memory", help="parameter count and training-state bytes, without training")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
-                   help="storage dtype of weights, gradients and optimizer states")
+    p.add_argument("--precision", choices=["fp32", "bf16-mixed", "bf16"], default="bf16",
+                   help="what `train --precision` stores: bf16 (the papers' setting, default) holds "
+                   "2-byte weights, gradients and states; fp32 and bf16-mixed 4-byte ones")
+    p.add_argument("--dtype", dest="precision", type=_storage_dtype, metavar="{float32,bfloat16}",
+                   help="the old spelling of --precision: float32 = fp32, bfloat16 = bf16")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_config_flags(p, sections=("model", "method", "optimizer"))
     return {"memory": p}
+
+
+def _storage_dtype(value: str) -> str:
+    precisions = {"float32": "fp32", "bfloat16": "bf16"}
+    if value not in precisions:
+        raise argparse.ArgumentTypeError(f"invalid choice: '{value}' (choose from float32, bfloat16; "
+                                         "or --precision fp32|bf16-mixed|bf16)")
+    return precisions[value]
 
 
 def _data_parser(sub: Any) -> Parsers:

@@ -174,6 +174,10 @@ class ScheduleConfig(_RegistrySection):
     restart_warmup: int = Field(0, ge=0)
 
 
+# The old `train.dtype` values as precisions.
+OLD_DTYPES = {"float32": "fp32", "bfloat16": "bf16-mixed"}
+
+
 class TrainConfig(_Section):
     steps: int = Field(250, gt=0)
     batch_size: int = Field(16, gt=0)
@@ -185,7 +189,9 @@ class TrainConfig(_Section):
     log_every: int = Field(10, gt=0)
     seed: int = 0
     device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = Field("auto", description=(
+        "fp32 | bf16-mixed (float32 weights, gradients and states; bf16 autocast) | bf16 (all "
+        "stored in bf16, updates rounded stochastically); auto: bf16-mixed on CUDA, else fp32"))
     out_dir: str | None = None
     progress: bool = True
     # At every evaluation also log model health: excess kurtosis of each block's output and the
@@ -219,6 +225,21 @@ class TrainConfig(_Section):
     @classmethod
     def _split_sinks(cls, v: Any) -> Any:
         return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _precision_from_dtype(cls, data: Any) -> Any:
+        """Configs and runs from before `precision` set `dtype` (bfloat16 meant autocast)."""
+        if isinstance(data, dict) and "dtype" in data:
+            data = dict(data)
+            old = data.pop("dtype")
+            data.setdefault("precision", OLD_DTYPES.get(old, old))
+        return data
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _old_dtype_value(cls, v: Any) -> Any:
+        return OLD_DTYPES.get(v, v)  # `--dtype bfloat16`, an alias of --precision
 
 
 class LossConfig(_RegistrySection):
@@ -355,7 +376,7 @@ def _exclusive(f: Any) -> bool:
 # Each field gets `--section.field`; field names are unique across sections, so each also gets a
 # bare `--field`. The "what is it" field of a section is spelled as the section (`--method`).
 _SECTION_KEY = {"name", "preset", "source"}
-_EXTRA_ALIASES = {"model.preset": ["preset"]}
+_EXTRA_ALIASES = {"model.preset": ["preset"], "train.precision": ["dtype"]}
 
 
 def section_fields(section: str) -> dict[str, FieldInfo]:

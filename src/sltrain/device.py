@@ -1,6 +1,8 @@
-"""Where a command computes: the device a `--device` name means, and the autocast it runs under.
+"""Where a command computes: the device a `--device` name means, the precision it trains in and
+the autocast that precision runs under.
 
-bf16 autocast on CUDA by default (the papers' setting), float32 elsewhere unless asked.
+bf16 autocast over float32 weights on CUDA by default (mixed precision, Micikevicius et al.
+2018); `--precision bf16` stores weights, gradients and states in bf16 as the papers' runs do.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import nn
 
 from sltrain.config import RunConfig
 from sltrain.errors import UserError
@@ -26,11 +29,31 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """fp32, bf16-mixed or bf16; `auto` is bf16-mixed on CUDA and fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16-mixed" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    """The dtype weights, gradients and optimizer states are stored in under `precision`."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def cast_weights_(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:
+    """Store `model`'s floating parameters in the run's weight dtype. Buffers keep theirs: the
+    sparse supports stay integer and the RoPE tables float32."""
+    dtype = weight_dtype(resolve_precision(cfg.train.precision, device))
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model
+
+
 def autocast_for(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (and on CPU when asked), plain float32 otherwise."""
-    dtype = cfg.train.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype == "float32":
+    """bf16 autocast under bf16-mixed; none under fp32, nor under bf16, whose weights already
+    are bf16."""
+    if resolve_precision(cfg.train.precision, device) != "bf16-mixed":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)

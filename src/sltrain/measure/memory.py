@@ -17,10 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sltrain.config import OptimizerConfig
+from sltrain.config import OptimizerConfig, RunConfig
 from sltrain.parametrize.base import FactoredLinear
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 @dataclass
 class MemoryBreakdown:
@@ -92,6 +91,17 @@ def estimate_memory(
         optimizer_states=states,
         sparse_indices=_index_bytes(model),
     )
+
+
+def estimate_for(cfg: RunConfig, precision: str, model: nn.Module | None = None) -> MemoryBreakdown:
+    """What `sltrain memory --precision` reports: the training-state bytes a run of `cfg` holds
+    under `precision` (fp32, bf16-mixed or bf16), from `model` (default: built on meta)."""
+    from sltrain.device import weight_dtype
+    from sltrain.model import build_model
+
+    model = model if model is not None else build_model(cfg, device="meta")
+    return estimate_memory(model, weight_dtype(precision), cfg.optimizer, cfg.rank,
+                           cfg.train.grad_accum)
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:

@@ -13,6 +13,7 @@ from torch import nn
 from sltrain.config import OptimizerConfig
 from sltrain.errors import UserError
 from sltrain.optim.base import adam_moments_
+from sltrain.optim.rounding import LOW_PRECISION, flat_chunks, round_into_
 from sltrain.registry import OPTIMIZERS
 
 BLOCKSIZE = 256  # bitsandbytes' block size for blockwise 8-bit optimizer states
@@ -84,15 +85,64 @@ def adam_direction_8bit(grad: torch.Tensor, state: dict, beta1: float, beta2: fl
     return direction, correction
 
 
+def sliced_update(opt: torch.optim.Optimizer, group: dict, p: torch.Tensor, gindex: int,
+                  pindex: int) -> None:
+    """bitsandbytes' blockwise 8-bit AdamW step (its update_step's call) slice by slice: blocks of
+    256 are independent, so slices of multiples of 256 give the unsliced step. A bf16 weight is
+    stepped on float32 copies of its slices, rounded back stochastically; a float32 one in place
+    (on CPU bitsandbytes dequantises both moments of the whole tensor to float32 at once: four
+    float32 copies of the largest weight at the peak, now of one slice)."""
+    F, state = bitsandbytes().functional, opt.state[p]
+    config = opt.get_config(gindex, pindex, group)
+    state["step"] += 1
+    (beta1, beta2, *beta3), tensors = config["betas"], (p, p.grad.contiguous(), state["state1"],
+                                                        state["state2"])
+    for start, (weight, grad, state1, state2) in flat_chunks(*tensors):
+        blocks = slice(start // BLOCKSIZE, (start + weight.numel() + BLOCKSIZE - 1) // BLOCKSIZE)
+        w = weight.float()  # the weight itself when float32
+        F.optimizer_update_8bit_blockwise(
+            opt.optimizer_name, grad.float(), w, state1, state2, beta1, beta2,
+            beta3[0] if beta3 else 0.0, config.get("alpha", 0.0), config["eps"], state["step"],
+            config["lr"], state["qmap1"], state["qmap2"], state["absmax1"][blocks],
+            state["absmax2"][blocks], config["weight_decay"], gnorm_scale=1.0,
+            skip_zeros=config["skip_zeros"])
+        if w is not weight:
+            round_into_(weight, w)
+
+
 def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> torch.optim.Optimizer:
     from sltrain.optim import param_groups
 
     bnb = bitsandbytes()
 
     class Adam8bit(bnb.optim.AdamW8bit):
-        """bitsandbytes' AdamW8bit; the two quantisation maps are shared by all parameters."""
+        """bitsandbytes' AdamW8bit; the two quantisation maps are shared by all parameters.
+
+        bitsandbytes computes in float32 but writes a bf16 weight back rounded to nearest (no
+        stochastic rounding: bitsandbytes issue #1165), losing every step below 1/256 of the
+        weight; a bf16 parameter is therefore stepped by bitsandbytes' own update on float32
+        copies, slice by slice, and rounded back stochastically (see `sliced_update`)."""
 
         moment_keys = ("state1", "state2")  # uint8 codes (float32 below MIN_8BIT_SIZE)
+
+        @torch.no_grad()
+        def update_step(self, group, p, gindex, pindex):
+            eight_bit = self.state[p]["state1"].dtype == torch.uint8
+            if eight_bit and (p.dtype in LOW_PRECISION or p.device.type == "cpu"):
+                return sliced_update(self, group, p, gindex, pindex)
+            if p.dtype not in LOW_PRECISION:
+                return super().update_step(group, p, gindex, pindex)
+            weight, grad = p.data, p.grad  # below MIN_8BIT_SIZE: small float32-state tensors
+            p.grad = None  # a gradient must match its parameter's dtype whenever it is set
+            p.data = weight.float()
+            p.grad = grad.float()
+            try:
+                super().update_step(group, p, gindex, pindex)
+                round_into_(weight, p.data)
+            finally:
+                p.grad = None
+                p.data = weight
+                p.grad = grad
 
         def state_bytes(self, p: torch.Tensor, group: dict, element_size: int) -> int:
             return quantized_moments_bytes(p.numel())

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sltrain.config import OptimizerConfig
-from sltrain.optim.base import SltrainOptimizer, decay_
+from sltrain.optim.base import SltrainOptimizer, apply_update_
 from sltrain.registry import OPTIMIZERS
 
 WHOLE = 0  # `block_rows` of a parameter that is one block (norm gains, sparse values)
@@ -78,7 +78,6 @@ class AdamMini(SltrainOptimizer):
         beta1, beta2 = group["betas"]
         state["vmean"].mul_(beta2).add_(self._block_mean_sq(grad, rows, n), alpha=1 - beta2)
         state["step"] += 1
-        decay_(p, group)
         shape = p.shape if rows == WHOLE else (n, -1)
         m = state["m"].view(shape)
         m.lerp_(grad.reshape(shape), 1 - beta1)
@@ -87,7 +86,7 @@ class AdamMini(SltrainOptimizer):
         h = (state["vmean"].sqrt() / bias_correction_2_sqrt).add_(group["eps"])
         update = m * ((1 / bias_correction_1) / h)
         update.mul_(group["lr"])
-        p.add_(-update.view(p.shape))
+        apply_update_(p, update.view(p.shape), -1.0, group)
 
     def state_bytes(self, p: torch.Tensor, group: dict, element_size: int) -> int:
         return (p.numel() + self.blocks(p, group)) * element_size

@@ -5,15 +5,24 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from sltrain.config import OptimizerConfig
+from sltrain.optim.rounding import LOW_PRECISION, flat_chunks, round_into_
 from sltrain.registry import OPTIMIZERS
 
 
 class AdamW(torch.optim.AdamW):
-    """torch.optim.AdamW; state per parameter: exp_avg, exp_avg_sq and a float32 step tensor."""
+    """torch.optim.AdamW; state per parameter: exp_avg, exp_avg_sq and a float32 step tensor.
+
+    float32 (and float64) parameters take torch's own step. bf16 parameters (`--precision bf16`) take the same
+    update per parameter in float32, with the weight and both moments rounded back to bf16
+    stochastically: torch's step would compute in bf16, where a step below 1/256 of the weight
+    and the decay v * 0.999 both round away. Same state layout, so the accounting holds.
+    """
 
     moment_keys = ("exp_avg", "exp_avg_sq")
 
@@ -22,6 +31,43 @@ class AdamW(torch.optim.AdamW):
 
     def shared_state_bytes(self) -> int:
         return 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        low = [p for g in self.param_groups for p in g["params"] if p.dtype in LOW_PRECISION]
+        if not low:
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["amsgrad"]:
+                raise ValueError("AdamW with amsgrad has no bf16 step here; use float32 weights")
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._low_precision_update(p, group)
+        return loss
+
+    def _low_precision_update(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        step, (beta1, beta2) = state["step"].item(), group["betas"]
+        tensors = (p, p.grad.contiguous(), state["exp_avg"], state["exp_avg_sq"])
+        for _, (weight, grad, exp_avg, exp_avg_sq) in flat_chunks(*tensors):
+            g = grad.float().neg() if group["maximize"] else grad.float()
+            m = exp_avg.float().lerp_(g, 1.0 - beta1)
+            v = exp_avg_sq.float().mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+            # torch's order: denom = sqrt(v) / sqrt(1 - beta2^t) + eps, step lr / (1 - beta1^t).
+            denom = (v.sqrt() / math.sqrt(1.0 - beta2**step)).add_(group["eps"])
+            w = weight.float().mul_(1.0 - group["lr"] * group["weight_decay"])
+            w.addcdiv_(m, denom, value=-group["lr"] / (1.0 - beta1**step))
+            for target, value in ((weight, w), (exp_avg, m), (exp_avg_sq, v)):
+                round_into_(target, value)
 
 
 def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> AdamW:

@@ -14,7 +14,7 @@ from torch import nn
 
 from sltrain.config import OptimizerConfig
 from sltrain.optim import projector
-from sltrain.optim.base import SltrainOptimizer, adam_direction, adam_step_size, decay_
+from sltrain.optim.base import SltrainOptimizer, adam_direction, adam_step_size, apply_update_
 from sltrain.optim.fira import GROWTH_LIMIT
 from sltrain.optim.galore import check_rank
 from sltrain.optim.projector import SubspaceOptions
@@ -135,8 +135,7 @@ class Apollo(SltrainOptimizer):
         state = self.state[p]
         update = self.matrix_update(p, state, group, rank)
         beta1, beta2 = group["betas"]
-        decay_(p, group)
-        p.add_(update, alpha=-adam_step_size(group["lr"], beta1, beta2, state["step"]))
+        apply_update_(p, update, -adam_step_size(group["lr"], beta1, beta2, state["step"]), group)
 
     def state_bytes(self, p: torch.Tensor, group: dict, element_size: int) -> int:
         rank = self._rank(p, group)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from sltrain.config import OptimizerConfig
-from sltrain.optim.base import decay_
+from sltrain.optim.base import apply_update_
 from sltrain.optim.muon import ADAMW_RMS, MatrixOptimizer, MomentumOptions, newton_schulz
 from sltrain.registry import OPTIMIZERS
 
@@ -59,8 +59,7 @@ class AuON(MatrixOptimizer):
         buf, mu = state["momentum_buffer"], group["momentum"]
         buf.lerp_(p.grad, 1.0 - mu)
         U = auon_direction(p.grad.lerp(buf, mu), group["hybrid"])
-        decay_(p, group)
-        p.add_(U, alpha=-group["lr"] * ADAMW_RMS * math.sqrt(p.numel()))
+        apply_update_(p, U, -group["lr"] * ADAMW_RMS * math.sqrt(p.numel()), group)
 
     def matrix_state_bytes(self, p: Tensor, group: dict, element_size: int) -> int:
         return p.numel() * element_size

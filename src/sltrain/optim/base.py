@@ -11,6 +11,8 @@ from typing import ClassVar
 
 import torch
 
+from sltrain.optim.rounding import LOW_PRECISION, flat_chunks, round_into_
+
 # Adam as in the GaLore/Fira reference code (transformers' AdamW): eps is added to sqrt(v) before
 # the bias correction, which is folded into the step size. Kept identical so that the subspace
 # optimizers match their reference packages to rounding.
@@ -19,7 +21,19 @@ import torch
 def adam_moments_(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
                   beta1: float, beta2: float, eps: float, step: int) -> tuple[torch.Tensor, float]:
     """Fold `grad` into the moments in place; return m / (sqrt(v) + eps) and the bias-correction
-    factor sqrt(1 - beta2^t) / (1 - beta1^t) of update number `step` (1-based)."""
+    factor sqrt(1 - beta2^t) / (1 - beta1^t) of update number `step` (1-based).
+
+    bf16 moments are updated in float32 and rounded back stochastically: in bf16 itself
+    v * 0.999 rounds back to v, so the second moment could never decay."""
+    if exp_avg.dtype in LOW_PRECISION:
+        direction = torch.empty_like(grad)
+        for _, (m16, v16, g, d) in flat_chunks(exp_avg, exp_avg_sq, grad.contiguous(), direction):
+            m, v = m16.float(), v16.float()
+            chunk, correction = adam_moments_(m, v, g.float(), beta1, beta2, eps, step)
+            round_into_(m16, m)
+            round_into_(v16, v)
+            d.copy_(chunk)
+        return direction, correction
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     denom = exp_avg_sq.sqrt().add_(eps)
@@ -51,6 +65,21 @@ def decay_(p: torch.Tensor, group: dict) -> None:
     """Decoupled weight decay on the weight before this step's update (Loshchilov & Hutter)."""
     if group.get("weight_decay", 0.0) > 0:
         p.mul_(1.0 - group["lr"] * group["weight_decay"])
+
+
+def apply_update_(p: torch.Tensor, update: torch.Tensor, alpha: float, group: dict) -> None:
+    """p <- p (1 - lr wd) + alpha update, the weight write of every optimizer here. A float32
+    weight is updated in place; a bf16 one (`--precision bf16`) in float32 and then rounded
+    stochastically, so a step far below bf16's resolution still moves it in expectation."""
+    if p.dtype not in LOW_PRECISION:
+        decay_(p, group)
+        p.add_(update, alpha=alpha)
+        return
+    for _, (weight, step) in flat_chunks(p, update.contiguous()):
+        w = weight.float()
+        decay_(w, group)
+        w.add_(step.float(), alpha=alpha)
+        round_into_(weight, w)
 
 
 class SltrainOptimizer(torch.optim.Optimizer):
@@ -90,7 +119,8 @@ class SltrainOptimizer(torch.optim.Optimizer):
         return 0
 
     def update_(self, p: torch.Tensor, group: dict) -> None:
-        """Step one parameter that has a gradient."""
+        """Step one parameter that has a gradient; the weight is written by `apply_update_`
+        (so that bf16 weights round stochastically)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -111,5 +141,4 @@ class SltrainOptimizer(torch.optim.Optimizer):
         state["step"] = state.get("step", 0) + 1
         beta1, beta2 = group["betas"]
         direction, _ = adam_direction(p.grad, state, beta1, beta2, group["eps"])
-        decay_(p, group)
-        p.add_(direction, alpha=-adam_step_size(group["lr"], beta1, beta2, state["step"]))
+        apply_update_(p, direction, -adam_step_size(group["lr"], beta1, beta2, state["step"]), group)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from sltrain.config import OptimizerConfig
-from sltrain.optim.base import decay_
+from sltrain.optim.base import apply_update_
 from sltrain.optim.muon import MatrixOptimizer
 from sltrain.optim.projector import SubspaceOptions
 from sltrain.registry import OPTIMIZERS
@@ -80,8 +80,7 @@ class Conda(MatrixOptimizer):
         direction = project(exp_avg) / exp_avg_sq.sqrt().add_(group["eps"])
         update = P @ direction if left else direction @ P.T
         correction = math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-        decay_(p, group)
-        p.add_(update, alpha=-group["lr"] * correction)
+        apply_update_(p, update, -group["lr"] * correction, group)
 
     def matrix_state_bytes(self, p: Tensor, group: dict, element_size: int) -> int:
         m, n = p.shape

@@ -12,7 +12,7 @@ from sltrain.config import OptimizerConfig
 from sltrain.errors import UserError
 from sltrain.optim import projector
 from sltrain.optim.adam8bit import adam_direction_8bit, quantized_moments_bytes
-from sltrain.optim.base import SltrainOptimizer, adam_direction, adam_step_size, decay_
+from sltrain.optim.base import SltrainOptimizer, adam_direction, adam_step_size, apply_update_
 from sltrain.optim.projector import SubspaceOptions
 from sltrain.registry import OPTIMIZERS
 
@@ -79,8 +79,7 @@ class GaLore(SltrainOptimizer):
             update = self._direction(p.grad, state, group)
         else:
             update = self.matrix_update(p, state, group, rank)
-        decay_(p, group)
-        p.add_(update, alpha=-self.step_size(state, group))
+        apply_update_(p, update, -self.step_size(state, group), group)
 
     def moments_bytes(self, numel: int, group: dict, element_size: int) -> int:
         return quantized_moments_bytes(numel) if group["eight_bit"] else 2 * numel * element_size

@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from sltrain.config import OptimizerConfig
-from sltrain.optim.base import SltrainOptimizer, decay_
+from sltrain.optim.base import SltrainOptimizer, apply_update_
 from sltrain.registry import OPTIMIZERS, Options
 
 # The quintic's coefficients (Jordan et al.): chosen to push small singular values towards 1 as
@@ -107,8 +107,7 @@ class Muon(MatrixOptimizer):
         buf = state["momentum_buffer"]
         buf.mul_(group["momentum"]).add_(p.grad)
         update = newton_schulz(p.grad.add(buf, alpha=group["momentum"]), group["ns_steps"])
-        decay_(p, group)
-        p.add_(update, alpha=-group["lr"] * rms_matching_scale(p.shape))
+        apply_update_(p, update, -group["lr"] * rms_matching_scale(p.shape), group)
 
     def matrix_state_bytes(self, p: Tensor, group: dict, element_size: int) -> int:
         return p.numel() * element_size

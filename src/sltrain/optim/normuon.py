@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from sltrain.config import OptimizerConfig
-from sltrain.optim.base import decay_
+from sltrain.optim.base import apply_update_
 from sltrain.optim.muon import ADAMW_RMS, MatrixOptimizer, MuonOptions, newton_schulz
 from sltrain.registry import OPTIMIZERS
 
@@ -52,8 +52,7 @@ class NorMuon(MatrixOptimizer):
         update = ortho / (v.sqrt().add_(group["eps"]).unsqueeze(1))
         # A zero update (e.g. a factor whose gradient is still zero) must stay zero, not NaN.
         scale = ADAMW_RMS * math.sqrt(p.numel()) / update.norm().clamp_min(1e-30)
-        decay_(p, group)
-        p.add_(update * scale, alpha=-group["lr"])
+        apply_update_(p, update * scale, -group["lr"], group)
 
     def matrix_state_bytes(self, p: Tensor, group: dict, element_size: int) -> int:
         return (p.numel() + p.shape[0]) * element_size

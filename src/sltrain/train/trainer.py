@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from sltrain.config import RunConfig
 from sltrain.data import Blocks, BlockSampler, prepare, prepare_options
-from sltrain.device import autocast_for, resolve_device
+from sltrain.device import autocast_for, cast_weights_, resolve_device
 from sltrain.errors import UserError
 from sltrain.measure import PeakMemory, count_parameters, estimate_memory, measure_memory
 from sltrain.measure.health import health_record
@@ -29,6 +29,7 @@ from sltrain.measure.loss import evaluate, plain_head
 from sltrain.model import build_model
 from sltrain.optim import build_optimizer
 from sltrain.optim import validate as validate_optimizer
+from sltrain.optim.rounding import ROUNDING
 from sltrain.optim.tricks import CycleTricks, include_warm_start_params
 from sltrain.run.checkpoint import find_checkpoint, read_checkpoint, refusing_damage, save_checkpoint
 from sltrain.run.folder import (
@@ -224,6 +225,7 @@ class Trainer:
         cfg, tc = self.cfg, self.cfg.train
         torch.manual_seed(tc.seed)
         self.raw_model = build_model(cfg, device=self.device)
+        cast_weights_(self.raw_model, cfg, self.device)  # bf16 storage under --precision bf16
         if init_from:
             init_weights_from(self.raw_model, init_from)
         include_warm_start_params(self.raw_model, cfg)
@@ -256,7 +258,8 @@ class Trainer:
             # A checkpoint from before the tricks saved their step resumes them at its own.
             "tricks": Part(self.tricks.state_dict,
                            lambda s: self.tricks.load_state_dict(s or {"step": counters.step})),
-        }, later=("prune", "tricks"))
+            "rounding": ROUNDING.seed(self.cfg.train.seed),  # bf16 weights' stochastic rounding
+        }, later=("prune", "tricks", "rounding"))
 
     def state_dict(self) -> dict[str, Any]:
         """The whole training state (gathered on every rank: FSDP needs all of them)."""
