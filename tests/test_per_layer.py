@@ -71,7 +71,8 @@ def poison_call(monkeypatch, bad):
     return calls
 
 
-@pytest.mark.parametrize("accum,mode", [(1, "previous_norm"), (1, "update_rms"), (4, "none")])
+@pytest.mark.parametrize("accum,mode", [(1, "previous_norm"), (1, "running_norm"),
+                                        (1, "update_rms"), (4, "none")])
 def test_a_nan_micro_batch_leaves_every_weight_moment_and_counter(base, tmp_path, monkeypatch,
                                                                   accum, mode):
     # Two good steps (moments and the previous norm exist), then a NaN in micro-batch 2 of the
@@ -135,32 +136,42 @@ def test_a_parameter_without_gradient_does_not_step(accum):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
 
 
-def test_previous_norm_clipping_scales_by_the_last_norm_and_caps_each_tensor():
-    """The hooks' rule, against a plain AdamW fed the clipped gradients by hand."""
+@pytest.mark.parametrize("mode", ["previous_norm", "running_norm"])
+def test_norm_clipping_in_the_hooks_follows_its_rule(mode):
+    """The hooks' rule, against a plain AdamW fed the clipped gradients by hand: each gradient
+    times min(1, clip / estimated global norm, clip / its own norm), where the estimate is the
+    previous step's norm, or (running_norm) that with the norms of the gradients already seen
+    in this backward replaced by this step's."""
     model, plain_model = two_layers(), two_layers()
+    order = []  # the order in which the hooks see the parameters (registered first: runs first)
+    for i, p in enumerate(model.parameters()):
+        p.register_post_accumulate_grad_hook(lambda _, i=i: order.append(i))
     clip = 0.5
-    wrapper = PerLayerOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1), 1, clip,
-                                "previous_norm")
+    wrapper = PerLayerOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1), 1, clip, mode)
     plain = torch.optim.AdamW(plain_model.parameters(), lr=0.1)
-    previous = None
-    for seed in range(3):
-        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed)) * (seed + 1)
+    previous = [0.0] * 4
+    for seed in range(4):
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed)) * (seed % 2 * 3 + 1)
+        order.clear()
         wrapper.micro_batch(True)
         sum(model[k](x).square().sum() for k in "ab").backward()
         wrapper.step()
         sum(plain_model[k](x).square().sum() for k in "ab").backward()
         grads = [p.grad for p in plain_model.parameters()]
-        norm = torch.stack([g.norm() for g in grads]).norm().item()
-        assert wrapper.grad_norm == pytest.approx(norm, rel=1e-6)
-        scale = 1.0 if previous is None else min(1.0, clip / (previous + 1e-6))
-        for g in grads:
-            g.mul_(min(scale, clip / (g.norm().item() + 1e-6)))
+        norms = [g.norm().item() for g in grads]
+        assert wrapper.grad_norm == pytest.approx(math.hypot(*norms), rel=1e-6)
+        seen = list(previous)
+        for i in order:
+            seen[i] = norms[i]
+            estimate = math.hypot(*(seen if mode == "running_norm" else previous))
+            scale = 1.0 if estimate == 0 else min(1.0, clip / (estimate + 1e-6))
+            grads[i].mul_(min(scale, clip / (norms[i] + 1e-6)))
         plain.step()
         plain.zero_grad(set_to_none=True)
-        previous = norm
+        previous = norms
         for p, q in zip(model.parameters(), plain_model.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
-    assert previous > clip  # the clipping acted
+    assert sorted(order) == [0, 1, 2, 3] and math.hypot(*previous) > clip  # the clipping acted
 
 
 def test_update_rms_clipping_bounds_each_update():
@@ -205,7 +216,8 @@ def losses(run_dir):
     return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, lines)]
 
 
-@pytest.mark.parametrize("accum,mode", [(1, "previous_norm"), (1, "update_rms"), (2, "none")])
+@pytest.mark.parametrize("accum,mode", [(1, "previous_norm"), (1, "running_norm"),
+                                        (1, "update_rms"), (2, "none")])
 def test_resume_with_clipping_equals_uninterrupted(base, tmp_path, accum, mode):
     # A small threshold keeps the clipping acting at every step: a lost previous norm would show.
     cfg = {**base, "train.steps": 8, "train.grad_accum": accum, "optimizer.per_layer_clip": mode,

@@ -19,10 +19,12 @@ from sltrain.errors import UserError
 # How the hooks clip when they step during backward (grad_accum 1), with threshold `grad_clip`:
 #   previous_norm  scale each gradient by min(1, clip / the previous step's global norm) and
 #                  cap its own norm at clip (a bound exact global clipping also implies);
+#   running_norm   the same with the global norm estimated from this step's norms of the
+#                  gradients seen so far and the previous step's of the others (exact at the last);
 #   update_rms     StableAdamW / Adafactor: shrink a parameter's update so that its RMS, in
 #                  units of the learning rate, is at most clip (the moments see the raw gradient);
 #   none           no clipping (then --grad-clip must be 0).
-CLIP_MODES = ("previous_norm", "update_rms", "none")
+CLIP_MODES = ("previous_norm", "running_norm", "update_rms", "none")
 
 
 class PerLayerOptimizer(torch.optim.Optimizer):
@@ -43,7 +45,10 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         self._by_param: dict[int, torch.optim.Optimizer] = {}
         self._handles = []
         self._in_hooks = grad_accum == 1  # until the Trainer says otherwise
-        self._sq_norm: torch.Tensor | float = 0.0
+        self._index: dict[int, int] = {}  # parameter -> its place in param_groups
+        self._step_sq: dict[int, torch.Tensor] = {}  # squared gradient norms of this step
+        self._previous_sq: dict[int, float] = {}  # ... and of the previous one
+        self._estimate: torch.Tensor | float = 0.0  # running_norm's estimate of the squared norm
         self.grad_norm: float | None = None  # of the last step
         self.previous_norm: float | None = None  # what previous_norm clipping divides by
         self.skipped_nonfinite = 0
@@ -53,6 +58,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 sub = self.inner_class([{**settings, "params": [p]}])
                 self._by_param[id(p)] = sub
+                self._index[id(p)] = len(groups)
                 groups.append(sub.param_groups[0])
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
         super().__init__(groups, {})
@@ -71,14 +77,22 @@ class PerLayerOptimizer(torch.optim.Optimizer):
     def _hook(self, p: torch.Tensor) -> None:
         if not self._in_hooks:
             return  # accumulating, or the Trainer steps after clipping by the global norm
-        norm = p.grad.detach().float().norm()
-        self._sq_norm = self._sq_norm + norm.square()
-        if self.clip and self.clip_mode == "previous_norm":
-            scale = 1.0
-            if self.previous_norm is not None and math.isfinite(self.previous_norm):
-                scale = min(1.0, self.clip / (self.previous_norm + 1e-6))
-            p.grad.mul_(torch.clamp(self.clip / (norm + 1e-6), max=scale).to(p.grad.dtype))
+        i = self._index[id(p)]
+        sq = self._step_sq[i] = p.grad.detach().float().square().sum()
+        if self.clip and self.clip_mode in ("previous_norm", "running_norm"):
+            p.grad.mul_(self._clip_scale(i, sq).to(p.grad.dtype))
         self._step_param(p, clip_update=bool(self.clip) and self.clip_mode == "update_rms")
+
+    def _clip_scale(self, i: int, sq: torch.Tensor) -> torch.Tensor:
+        """min(1, clip / the estimated global norm, clip / this gradient's own norm)."""
+        if self.clip_mode == "running_norm":
+            self._estimate = self._estimate + sq - self._previous_sq.get(i, 0.0)
+            scale = torch.clamp(self.clip / (self._estimate.sqrt() + 1e-6), max=1.0)
+        else:
+            scale = torch.ones(())
+            if self.previous_norm is not None:
+                scale = scale.clamp(max=self.clip / (self.previous_norm + 1e-6))
+        return torch.minimum(scale, self.clip / (sq.sqrt() + 1e-6))
 
     def _step_param(self, p: torch.Tensor, clip_update: bool = False) -> None:
         """Step `p` alone and free its gradient; a non-finite gradient leaves it and its state."""
@@ -102,14 +116,17 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         record the step's global gradient norm."""
         loss = closure() if closure is not None else None
         if not self.steps_in_hooks:
-            for group in self.param_groups:
+            for i, group in enumerate(self.param_groups):
                 p = group["params"][0]
                 if p.grad is not None:
-                    self._sq_norm = self._sq_norm + p.grad.detach().float().norm().square()
+                    self._step_sq[i] = p.grad.detach().float().square().sum()
                     self._step_param(p)
-        norm = float(self._sq_norm) ** 0.5
-        self.grad_norm, self._sq_norm = norm, 0.0
-        self.previous_norm = norm
+        keys = list(self._step_sq)
+        values = torch.stack([self._step_sq[i] for i in keys]).tolist() if keys else []
+        self.grad_norm, self._step_sq = math.sqrt(sum(values)), {}
+        if math.isfinite(self.grad_norm):  # a non-finite gradient was not stepped: forget it
+            self.previous_norm, self._previous_sq = self.grad_norm, dict(zip(keys, values, strict=True))
+        self._estimate = sum(self._previous_sq.values())
         self._in_hooks = self.steps_in_hooks
         return loss
 
@@ -128,7 +145,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:  # type: ignore[override]
         subs = [self._by_param[id(g["params"][0])] for g in self.param_groups]
         return {"per_parameter": [sub.state_dict() for sub in subs],
-                "previous_norm": self.previous_norm}
+                "previous_norm": self.previous_norm, "previous_sq": self._previous_sq}
 
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
         saved = state_dict.get("per_parameter")
@@ -141,7 +158,10 @@ class PerLayerOptimizer(torch.optim.Optimizer):
             # Loading replaces the copy's group dict; share the new one again so that the
             # scheduler keeps setting the rate the copy uses.
             self.param_groups[i] = sub.param_groups[0]
-        self.previous_norm = state_dict.get("previous_norm")  # older checkpoints: none yet
+        # Older checkpoints have no previous norms yet.
+        self.previous_norm = state_dict.get("previous_norm")
+        self._previous_sq = dict(state_dict.get("previous_sq") or {})
+        self._estimate = sum(self._previous_sq.values())
 
     def state_bytes(self, p: torch.Tensor, group: dict, element_size: int) -> int:
         sub = self._by_param[id(p)]
@@ -167,4 +187,4 @@ def check(grad_clip: float, clip_mode: str, grad_accum: int) -> None:
     if grad_clip > 0 and grad_accum == 1 and clip_mode == "none":
         raise UserError(f"per-layer updates without accumulation cannot clip by the global "
                         f"gradient norm ({grad_clip}): the gradients never exist together; pass "
-                        "--per-layer-clip previous_norm or update_rms, or --grad-clip 0")
+                        "--per-layer-clip previous_norm, running_norm or update_rms, or --grad-clip 0")
