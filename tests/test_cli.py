@@ -46,7 +46,7 @@ def tiny_flags(tmp_path, data):
         (["--no-such-flag", "1"], ["unrecognized arguments"]),
         (["--optimizer", "adafactor"], ["optimizer.name", "galore"]),
         (["--optimizer", "galore"], ["projection rank 64", "--proj-rank 16"]),  # SLTrain's r x in factors
-        (["--per-layer-updates"], ["global gradient norm", "--grad-clip 0"]),
+        (["--per-layer-updates", "--per-layer-clip", "none"], ["global gradient norm", "--grad-clip 0"]),
         (["--method", "relora"], ["reset-every", "0"]),
         (["--refactor", "--reset-every", "10", "--method", "full"], ["--refactor", "lowrank"]),
     ],

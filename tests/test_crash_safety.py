@@ -128,8 +128,7 @@ def lrs(run_dir):
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_nonfinite_losses_skip_their_step_and_stop_after_k_in_a_row(base, tmp_path, monkeypatch,
                                                                      per_layer):
-    # Per-layer updates step inside backward, before the loop sees the loss: their hooks must
-    # skip on their own.
+    # Per-layer updates step inside backward: the Trainer must see the loss before it.
     # The poison counts calls of the loss function: one per micro-batch with full logits (the
     # chunked loss calls it per chunk, in the forward and again in the backward).
     base = {**base, "train.save_every": 1, "train.keep_checkpoints": 100, "loss.chunk_tokens": 0,

@@ -156,6 +156,9 @@ class OptimizerConfig(_RegistrySection):
     grad_clip: float = Field(1.0, ge=0)
     # Step each parameter as soon as its gradient is complete (post-accumulate-grad hooks).
     per_layer_updates: bool = False
+    # How per-layer updates clip without accumulation (sltrain/optim/per_layer.py; with
+    # --grad-accum > 1 they clip exactly by the global norm): chosen by docs/results/per-layer-clipping.md.
+    per_layer_clip: Literal["previous_norm", "running_norm", "update_rms", "none"] = "previous_norm"
     # Update tricks for factored layers, every `reset_every` update steps (0 = never).
     reset_every: int = Field(0, ge=0)
     refactor: bool = False

@@ -58,11 +58,12 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer `cfg.name` over `model`'s trainable parameters; `rank` is the run's rank,
     the default projection rank of the subspace optimizers. With `cfg.per_layer_updates` every
-    parameter steps in its own gradient hook, once per `grad_accum` backward passes."""
+    parameter steps on its own: in its gradient hook without accumulation (clipped as
+    `cfg.per_layer_clip` says), after the Trainer's exact clipping with it."""
     optimizer = OPTIMIZERS[cfg.name].obj(model, cfg, getattr(cfg, "proj_rank", None) or rank)
     if cfg.per_layer_updates:
-        per_layer.check(cfg.grad_clip)
-        return per_layer.PerLayerOptimizer(optimizer, grad_accum)
+        per_layer.check(cfg.grad_clip, cfg.per_layer_clip, grad_accum)
+        return per_layer.PerLayerOptimizer(optimizer, grad_accum, cfg.grad_clip, cfg.per_layer_clip)
     return optimizer
 
 

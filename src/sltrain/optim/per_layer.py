@@ -1,34 +1,56 @@
 """Per-layer updates: step each parameter inside its post-accumulate-grad hook, so that the full
 set of gradients never exists at once (the trick GaLore uses to fit LLaMA 7B into 24 GB).
 
-Unlike the published implementations, this one honours gradient accumulation (a parameter
-steps once per optimizer step, after its last micro-batch, not on every backward), shares the
-learning-rate schedule through the usual scheduler, and saves and restores every state.
+Unlike the published implementations, this one honours gradient accumulation and clipping: with
+`grad_accum` > 1 the gradients coexist anyway, so the Trainer clips them by the exact global
+norm and `step()` steps each parameter and frees its gradient; with `grad_accum` 1 the hooks
+step during backward under a clipping that needs no other gradient (`CLIP_MODES`). It shares
+the learning-rate schedule through the usual scheduler and saves and restores every state.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from sltrain.errors import UserError
 
+# How the hooks clip when they step during backward (grad_accum 1), with threshold `grad_clip`:
+#   previous_norm  scale each gradient by min(1, clip / the previous step's global norm) and
+#                  cap its own norm at clip (a bound exact global clipping also implies);
+#   running_norm   the same with the global norm estimated from this step's norms of the
+#                  gradients seen so far and the previous step's of the others (exact at the last);
+#   update_rms     StableAdamW / Adafactor: shrink a parameter's update so that its RMS, in
+#                  units of the learning rate, is at most clip (the moments see the raw gradient);
+#   none           no clipping (then --grad-clip must be 0).
+CLIP_MODES = ("previous_norm", "running_norm", "update_rms", "none")
+
 
 class PerLayerOptimizer(torch.optim.Optimizer):
-    """Wraps an optimizer: one copy of it (same class and group settings) per parameter, stepped
-    by that parameter's hook after every `grad_accum`-th backward.
+    """Wraps an optimizer: one copy of it (same class and group settings) per parameter.
 
+    The Trainer calls `micro_batch(last)` before each backward; with `grad_accum` 1 the hooks of
+    the last (only) backward step their parameters, otherwise `step()` steps them after the
+    Trainer has clipped. A parameter without a gradient in a step does not step. `grad_norm` is
+    the step's exact global gradient norm (before clipping), summed from each parameter's norm.
     `param_groups` are the copies' own group dicts, so a scheduler that sets `lr` on this
-    wrapper sets it for every copy; `step()` does nothing (the hooks already stepped).
-    Gradient clipping by the global norm is impossible here (no two gradients coexist), so the
-    builder refuses a clip setting (see `check`).
+    wrapper sets it for every copy.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, grad_accum: int = 1):
-        self.grad_accum = grad_accum
+    def __init__(self, optimizer: torch.optim.Optimizer, grad_accum: int = 1,
+                 clip: float = 0.0, clip_mode: str = "none"):
+        self.grad_accum, self.clip, self.clip_mode = grad_accum, clip, clip_mode
         self.inner_class = type(optimizer)
         self._by_param: dict[int, torch.optim.Optimizer] = {}
-        self._calls: dict[int, int] = {}
         self._handles = []
+        self._in_hooks = grad_accum == 1  # until the Trainer says otherwise
+        self._index: dict[int, int] = {}  # parameter -> its place in param_groups
+        self._step_sq: dict[int, torch.Tensor] = {}  # squared gradient norms of this step
+        self._previous_sq: dict[int, float] = {}  # ... and of the previous one
+        self._estimate: torch.Tensor | float = 0.0  # running_norm's estimate of the squared norm
+        self.grad_norm: float | None = None  # of the last step
+        self.previous_norm: float | None = None  # what previous_norm clipping divides by
         self.skipped_nonfinite = 0
         groups = []
         for group in optimizer.param_groups:
@@ -36,21 +58,77 @@ class PerLayerOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 sub = self.inner_class([{**settings, "params": [p]}])
                 self._by_param[id(p)] = sub
-                self._calls[id(p)] = 0
+                self._index[id(p)] = len(groups)
                 groups.append(sub.param_groups[0])
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
         super().__init__(groups, {})
 
+    @property
+    def steps_in_hooks(self) -> bool:
+        """True when the hooks step (and clip) during backward: no two gradients coexist."""
+        return self.grad_accum == 1
+
+    def micro_batch(self, last: bool) -> None:
+        """Before each backward: is it the step's last? Only then, and only without
+        accumulation, do the hooks step."""
+        self._in_hooks = last and self.steps_in_hooks
+
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
-        self._calls[id(p)] += 1
-        if self._calls[id(p)] % self.grad_accum:
-            return  # more micro-batches of this step are still to come: keep accumulating
-        if torch.isfinite(p.grad).all():
-            self._by_param[id(p)].step()
-        else:  # the loop sees the non-finite loss and stops with the last good checkpoint
+        if not self._in_hooks:
+            return  # accumulating, or the Trainer steps after clipping by the global norm
+        i = self._index[id(p)]
+        sq = self._step_sq[i] = p.grad.detach().float().square().sum()
+        if self.clip and self.clip_mode in ("previous_norm", "running_norm"):
+            p.grad.mul_(self._clip_scale(i, sq).to(p.grad.dtype))
+        self._step_param(p, clip_update=bool(self.clip) and self.clip_mode == "update_rms")
+
+    def _clip_scale(self, i: int, sq: torch.Tensor) -> torch.Tensor:
+        """min(1, clip / the estimated global norm, clip / this gradient's own norm)."""
+        if self.clip_mode == "running_norm":
+            self._estimate = self._estimate + sq - self._previous_sq.get(i, 0.0)
+            scale = torch.clamp(self.clip / (self._estimate.sqrt() + 1e-6), max=1.0)
+        else:
+            scale = torch.ones(())
+            if self.previous_norm is not None:
+                scale = scale.clamp(max=self.clip / (self.previous_norm + 1e-6))
+        return torch.minimum(scale, self.clip / (sq.sqrt() + 1e-6))
+
+    def _step_param(self, p: torch.Tensor, clip_update: bool = False) -> None:
+        """Step `p` alone and free its gradient; a non-finite gradient leaves it and its state."""
+        sub = self._by_param[id(p)]
+        if not torch.isfinite(p.grad).all():
             self.skipped_nonfinite += 1
+        elif clip_update:
+            before = p.detach().clone()
+            sub.step()
+            update = p.detach() - before
+            rms = update.float().square().mean().sqrt() / max(sub.param_groups[0]["lr"], 1e-30)
+            # p = before + update * min(1, clip / rms), without a sync on the ratio
+            p.copy_(before.add_(update.mul_(torch.clamp(self.clip / (rms + 1e-12), max=1.0))))
+        else:
+            sub.step()
         p.grad = None
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """End the update: step every parameter with a gradient (unless the hooks did), and
+        record the step's global gradient norm."""
+        loss = closure() if closure is not None else None
+        if not self.steps_in_hooks:
+            for i, group in enumerate(self.param_groups):
+                p = group["params"][0]
+                if p.grad is not None:
+                    self._step_sq[i] = p.grad.detach().float().square().sum()
+                    self._step_param(p)
+        keys = list(self._step_sq)
+        values = torch.stack([self._step_sq[i] for i in keys]).tolist() if keys else []
+        self.grad_norm, self._step_sq = math.sqrt(sum(values)), {}
+        if math.isfinite(self.grad_norm):  # a non-finite gradient was not stepped: forget it
+            self.previous_norm, self._previous_sq = self.grad_norm, dict(zip(keys, values, strict=True))
+        self._estimate = sum(self._previous_sq.values())
+        self._in_hooks = self.steps_in_hooks
+        return loss
 
     def optimizers_for(self, p: torch.Tensor) -> list[torch.optim.Optimizer]:
         sub = self._by_param.get(id(p))
@@ -64,12 +142,10 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         subs = list(self._by_param.values())
         return moment_keys(subs[0]) if subs else ()
 
-    def step(self, closure=None):  # type: ignore[override]
-        return closure() if closure is not None else None
-
     def state_dict(self) -> dict:  # type: ignore[override]
         subs = [self._by_param[id(g["params"][0])] for g in self.param_groups]
-        return {"per_parameter": [sub.state_dict() for sub in subs]}
+        return {"per_parameter": [sub.state_dict() for sub in subs],
+                "previous_norm": self.previous_norm, "previous_sq": self._previous_sq}
 
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
         saved = state_dict.get("per_parameter")
@@ -82,6 +158,10 @@ class PerLayerOptimizer(torch.optim.Optimizer):
             # Loading replaces the copy's group dict; share the new one again so that the
             # scheduler keeps setting the rate the copy uses.
             self.param_groups[i] = sub.param_groups[0]
+        # Older checkpoints have no previous norms yet.
+        self.previous_norm = state_dict.get("previous_norm")
+        self._previous_sq = dict(state_dict.get("previous_sq") or {})
+        self._estimate = sum(self._previous_sq.values())
 
     def state_bytes(self, p: torch.Tensor, group: dict, element_size: int) -> int:
         sub = self._by_param[id(p)]
@@ -100,7 +180,11 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         self._handles.clear()
 
 
-def check(grad_clip: float) -> None:
-    if grad_clip > 0:
-        raise UserError(f"per-layer updates cannot clip by the global gradient norm ({grad_clip}): "
-                        "the gradients never exist together; pass --grad-clip 0")
+def check(grad_clip: float, clip_mode: str, grad_accum: int) -> None:
+    """Refuse a clip setting the hooks cannot honour."""
+    if clip_mode not in CLIP_MODES:
+        raise UserError(f"--per-layer-clip {clip_mode} is not one of {', '.join(CLIP_MODES)}")
+    if grad_clip > 0 and grad_accum == 1 and clip_mode == "none":
+        raise UserError(f"per-layer updates without accumulation cannot clip by the global "
+                        f"gradient norm ({grad_clip}): the gradients never exist together; pass "
+                        "--per-layer-clip previous_norm, running_norm or update_rms, or --grad-clip 0")

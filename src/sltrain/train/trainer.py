@@ -306,8 +306,12 @@ class Trainer:
                 with self.autocast:
                     hidden = self.model(x, return_hidden=True)
                     loss = self.loss_fn.from_hidden(hidden, head.weight, y)
-            (loss / self.cfg.train.grad_accum).backward()
-        return loss.item()
+            value = loss.item()
+            # A non-finite loss skips its backward: per-layer hooks would step during it. Every
+            # process runs it under DDP, whose backward is a collective.
+            if math.isfinite(value) or self.world.active:
+                (loss / self.cfg.train.grad_accum).backward()
+        return value
 
     def train_step(self) -> dict[str, Any] | None:
         """One update step; returns its record, or None when a non-finite loss skipped it."""
@@ -315,8 +319,13 @@ class Trainer:
         t0 = time.perf_counter()
         self.loss_fn.step = c.step  # sample reweighting's warm-up counts update steps
         loss_sum = 0.0
+        micro_batch = getattr(self.optimizer, "micro_batch", None)  # per-layer: is it the last?
         for micro in range(tc.grad_accum):
             x, y = self.sampler.next_batch(self.world.rank, self.world.size)
+            if not math.isfinite(loss_sum) and not self.world.active:
+                continue  # the step is lost: draw its batches (the same data after), skip the work
+            if micro_batch:
+                micro_batch(micro == tc.grad_accum - 1)
             loss_sum += self.forward_backward_step(x, y, sync=micro == tc.grad_accum - 1)
         loss_sum = self.world.mean(loss_sum)
         if not math.isfinite(loss_sum):
@@ -326,10 +335,13 @@ class Trainer:
         # Which parameters train can change during a run (ReLoRA's warm start): ask each step.
         trainable = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.pruner.before_step()
-        clip = cfg.optimizer.grad_clip
+        # Per-layer hooks that step during backward have clipped on their own.
+        in_hooks = getattr(self.optimizer, "steps_in_hooks", False)
+        clip = 0.0 if in_hooks else cfg.optimizer.grad_clip
         grad_norm = _total_norm(torch.nn.utils.clip_grad_norm_(trainable, clip)) if clip else None
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        grad_norm = getattr(self.optimizer, "grad_norm", None) if grad_norm is None else grad_norm
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         c.step += 1
