@@ -79,8 +79,10 @@ def test_a_nan_micro_batch_leaves_every_weight_moment_and_counter(base, tmp_path
     # third step (its only one without accumulation).
     bad = 2 * accum + min(2, accum)
     calls = poison_call(monkeypatch, bad)
+    # The poison counts loss calls: one per micro-batch with full logits (not per chunk).
     t = trainer({**base, "train.grad_accum": accum, "optimizer.name": "adam8bit",
-                 "optimizer.per_layer_clip": mode, "optimizer.grad_clip": 0.1}, tmp_path / "r")
+                 "optimizer.per_layer_clip": mode, "optimizer.grad_clip": 0.1,
+                 "loss.chunk_tokens": 0}, tmp_path / "r")
     for _ in range(2):
         assert t.train_step() is not None
     before = copy.deepcopy(t.state_dict())
