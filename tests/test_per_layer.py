@@ -33,11 +33,14 @@ def params(t):
     return [p.detach().clone() for p in t.raw_model.parameters()]
 
 
+@pytest.mark.parametrize("accum", [4, 1])
 @pytest.mark.parametrize("name", ["adamw", "adam8bit"])
-def test_clipping_with_accumulation_equals_the_plain_optimizer(base, tmp_path, name):
+def test_exact_clipping_equals_the_plain_optimizer(base, tmp_path, name, accum):
     """With --grad-accum 4 the Trainer clips by the exact global norm and then steps each
-    parameter: the same weights as the plain optimizer with the same clipping."""
-    cfg = {**base, "optimizer.name": name, "train.grad_accum": 4, "optimizer.grad_clip": 0.05}
+    parameter; with --grad-accum 1 `exact` takes two backward passes. Either way: the same
+    weights as the plain optimizer with the same clipping."""
+    cfg = {**base, "optimizer.name": name, "train.grad_accum": accum, "optimizer.grad_clip": 0.05,
+           "optimizer.per_layer_clip": "exact"}
     plain = trainer({**cfg, "optimizer.per_layer_updates": False}, tmp_path / "plain")
     hooked = trainer(cfg, tmp_path / "hooked")
     start = params(plain)
@@ -46,12 +49,19 @@ def test_clipping_with_accumulation_equals_the_plain_optimizer(base, tmp_path, n
         assert want["grad_norm"] > 0.05  # the clipping acts
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-6)
     for p, q in zip(plain.raw_model.parameters(), hooked.raw_model.parameters(), strict=True):
-        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
+        if name == "adam8bit" and accum == 1:
+            # The two-pass norm sums the per-tensor norms in another order than clip_grad_norm_:
+            # a last-bit difference in the scale can move one 8-bit moment code, no more.
+            off = (q - p).abs() > 1e-6
+            assert off.float().mean() < 1e-3 and (q - p).abs().max() < 1e-4
+        else:
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
     assert any(not torch.equal(p, p0) for p, p0 in zip(plain.raw_model.parameters(), start,
                                                        strict=True))
     assert all(p.grad is None for p in hooked.raw_model.parameters())  # freed after each step
     # ... and without the clipping the weights come out elsewhere: the test can tell.
-    unclipped = trainer({**cfg, "optimizer.grad_clip": 0.0}, tmp_path / "unclipped")
+    unclipped = trainer({**cfg, "optimizer.grad_clip": 0.0, "optimizer.per_layer_clip": "none"},
+                        tmp_path / "unclipped")
     for _ in range(4):
         unclipped.train_step()
     assert any(not torch.allclose(p, q, rtol=1e-6, atol=1e-6) for p, q in
@@ -71,7 +81,7 @@ def poison_call(monkeypatch, bad):
     return calls
 
 
-@pytest.mark.parametrize("accum,mode", [(1, "previous_norm"), (1, "running_norm"),
+@pytest.mark.parametrize("accum,mode", [(1, "exact"), (1, "previous_norm"), (1, "running_norm"),
                                         (1, "update_rms"), (4, "none")])
 def test_a_nan_micro_batch_leaves_every_weight_moment_and_counter(base, tmp_path, monkeypatch,
                                                                   accum, mode):
@@ -218,7 +228,7 @@ def losses(run_dir):
     return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, lines)]
 
 
-@pytest.mark.parametrize("accum,mode", [(1, "previous_norm"), (1, "running_norm"),
+@pytest.mark.parametrize("accum,mode", [(1, "exact"), (1, "previous_norm"), (1, "running_norm"),
                                         (1, "update_rms"), (2, "none")])
 def test_resume_with_clipping_equals_uninterrupted(base, tmp_path, accum, mode):
     # A small threshold keeps the clipping acting at every step: a lost previous norm would show.

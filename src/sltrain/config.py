@@ -158,7 +158,7 @@ class OptimizerConfig(_RegistrySection):
     per_layer_updates: bool = False
     # How per-layer updates clip without accumulation (sltrain/optim/per_layer.py; with
     # --grad-accum > 1 they clip exactly by the global norm): chosen by docs/results/per-layer-clipping.md.
-    per_layer_clip: Literal["previous_norm", "running_norm", "update_rms", "none"] = "previous_norm"
+    per_layer_clip: Literal["exact", "previous_norm", "running_norm", "update_rms", "none"] = "exact"
     # Update tricks for factored layers, every `reset_every` update steps (0 = never).
     reset_every: int = Field(0, ge=0)
     refactor: bool = False

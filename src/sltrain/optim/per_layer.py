@@ -17,6 +17,9 @@ import torch
 from sltrain.errors import UserError
 
 # How the hooks clip when they step during backward (grad_accum 1), with threshold `grad_clip`:
+#   exact          two backward passes over the retained graph: the first only sums the squared
+#                  norms (freeing each gradient at once), the second steps each gradient times
+#                  min(1, clip / global norm): exact clipping for one more backward of time;
 #   previous_norm  scale each gradient by min(1, clip / the previous step's global norm) and
 #                  cap its own norm at clip (a bound exact global clipping also implies);
 #   running_norm   the same with the global norm estimated from this step's norms of the
@@ -24,7 +27,7 @@ from sltrain.errors import UserError
 #   update_rms     StableAdamW / Adafactor: shrink a parameter's update so that its RMS, in
 #                  units of the learning rate, is at most clip (the moments see the raw gradient);
 #   none           no clipping (then --grad-clip must be 0).
-CLIP_MODES = ("previous_norm", "running_norm", "update_rms", "none")
+CLIP_MODES = ("exact", "previous_norm", "running_norm", "update_rms", "none")
 
 
 class PerLayerOptimizer(torch.optim.Optimizer):
@@ -49,6 +52,8 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         self._step_sq: dict[int, torch.Tensor] = {}  # squared gradient norms of this step
         self._previous_sq: dict[int, float] = {}  # ... and of the previous one
         self._estimate: torch.Tensor | float = 0.0  # running_norm's estimate of the squared norm
+        self._measuring = False  # exact's first pass
+        self._exact_scale = torch.ones(())  # exact's min(1, clip / global norm), between the passes
         self.grad_norm: float | None = None  # of the last step
         self.previous_norm: float | None = None  # what previous_norm clipping divides by
         self.skipped_nonfinite = 0
@@ -73,14 +78,41 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         accumulation, do the hooks step."""
         self._in_hooks = last and self.steps_in_hooks
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`, twice over the retained graph under exact clipping in the hooks
+        (a non-finite norm skips the second pass: nothing steps)."""
+        if not (self._in_hooks and self.clip and self.clip_mode == "exact"):
+            loss.backward()
+            return
+        self._measuring = True
+        try:
+            loss.backward(retain_graph=True)
+        finally:
+            self._measuring = False
+        # As clip_grad_norm_ computes it, in parameter order, to the last bit.
+        norms = [self._step_sq[i].sqrt() for i in sorted(self._step_sq)]
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        if not torch.isfinite(norm):
+            self.skipped_nonfinite += 1
+            return
+        self._exact_scale = torch.clamp(self.clip / (norm + 1e-6), max=1.0)
+        loss.backward()
+
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
         if not self._in_hooks:
             return  # accumulating, or the Trainer steps after clipping by the global norm
         i = self._index[id(p)]
-        sq = self._step_sq[i] = p.grad.detach().float().square().sum()
-        if self.clip and self.clip_mode in ("previous_norm", "running_norm"):
-            p.grad.mul_(self._clip_scale(i, sq).to(p.grad.dtype))
+        if self._measuring:
+            self._step_sq[i] = torch.linalg.vector_norm(p.grad.detach()).float().square()
+            p.grad = None
+            return
+        if self.clip and self.clip_mode == "exact":
+            p.grad.mul_(self._exact_scale.to(p.grad.device))
+        else:
+            sq = self._step_sq[i] = p.grad.detach().float().square().sum()
+            if self.clip and self.clip_mode in ("previous_norm", "running_norm"):
+                p.grad.mul_(self._clip_scale(i, sq).to(p.grad.dtype))
         self._step_param(p, clip_update=bool(self.clip) and self.clip_mode == "update_rms")
 
     def _clip_scale(self, i: int, sq: torch.Tensor) -> torch.Tensor:
@@ -187,4 +219,4 @@ def check(grad_clip: float, clip_mode: str, grad_accum: int) -> None:
     if grad_clip > 0 and grad_accum == 1 and clip_mode == "none":
         raise UserError(f"per-layer updates without accumulation cannot clip by the global "
                         f"gradient norm ({grad_clip}): the gradients never exist together; pass "
-                        "--per-layer-clip previous_norm, running_norm or update_rms, or --grad-clip 0")
+                        "--per-layer-clip exact, previous_norm, running_norm or update_rms, or --grad-clip 0")

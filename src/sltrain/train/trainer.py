@@ -310,7 +310,8 @@ class Trainer:
             # A non-finite loss skips its backward: per-layer hooks would step during it. Every
             # process runs it under DDP, whose backward is a collective.
             if math.isfinite(value) or self.world.active:
-                (loss / self.cfg.train.grad_accum).backward()
+                backward = getattr(self.optimizer, "backward", torch.Tensor.backward)  # per-layer's
+                backward(loss / self.cfg.train.grad_accum)
         return value
 
     def train_step(self) -> dict[str, Any] | None:
