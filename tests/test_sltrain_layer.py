@@ -51,6 +51,28 @@ def test_init_follows_the_paper():
     torch.testing.assert_close(layer.dense_weight(), dense_reference(layer))
 
 
+def test_uniform_b_init_changes_only_b():
+    kw = dict(in_features=300, out_features=200, rank=16, lora_alpha=32, density=0.03, seed=1)
+    paper = SparseLowRankLinear(**kw)
+    uniform = SparseLowRankLinear(**kw, b_init="uniform")
+    for layer in (paper, uniform):
+        layer.init_weights(0.0, torch.Generator().manual_seed(3))
+    assert torch.all(paper.B == 0)
+    assert 0.9 / 4 < uniform.B.abs().max() <= 1 / 4 and uniform.B.std() > 0.1
+    for name in ("A", "values", "support"):
+        assert torch.equal(getattr(paper, name), getattr(uniform, name)), name
+
+
+def test_b_init_reaches_every_layer_from_the_config():
+    from sltrain.config import load_config
+    from sltrain.model import build_model
+
+    cfg = load_config(None, {"method.name": "sltrain", "method.b_init": "uniform",
+                             "model.n_layers": 1})
+    layers = [m for m in build_model(cfg).modules() if isinstance(m, SparseLowRankLinear)]
+    assert layers and all(m.b_init == "uniform" and m.B.abs().sum() > 0 for m in layers)
+
+
 def test_support_sorted_unique_int32_and_seeded():
     a = SparseLowRankLinear(64, 48, 8, 16, 0.05, seed=7)
     b = SparseLowRankLinear(64, 48, 8, 16, 0.05, seed=7)

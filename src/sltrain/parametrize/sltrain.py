@@ -7,9 +7,11 @@ pretraining" (Han et al., NeurIPS 2024, arXiv 2406.02214).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from sltrain.parametrize.base import DensityOptions, FactoredLinear, ScaledRankOptions
@@ -170,10 +172,12 @@ class SparseLowRankLinear(FactoredLinear):
         seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        b_init: str = "zero",
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.lora_alpha, self.density = rank, lora_alpha, density
+        self.b_init = b_init
         self.scaling = lora_alpha / rank
         self.seed = seed
         numel = in_features * out_features
@@ -193,21 +197,26 @@ class SparseLowRankLinear(FactoredLinear):
     def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
         """The paper's init, in place and without any dense matrix: A kaiming-uniform
         U(+-1/sqrt(in)), B zero (so W starts as S), the values U(+-1/sqrt(in)), the support drawn
-        from `self.seed` alone (`std` is unused: the layer is not defined from a dense init)."""
+        from `self.seed` alone (`std` is unused: the layer is not defined from a dense init).
+        With `b_init="uniform"` B is U(+-1/sqrt(r)) as the low-rank method's, drawn after A and
+        the values so that both inits share every other tensor for a seed."""
         bound = 1.0 / math.sqrt(self.in_features)
         self.A.uniform_(-bound, bound, generator=generator)
         self.B.zero_()
         self.values.uniform_(-bound, bound, generator=generator)
+        if self.b_init == "uniform":
+            self.B.uniform_(-1 / math.sqrt(self.rank), 1 / math.sqrt(self.rank), generator=generator)
         picked = random_support(self.in_features * self.out_features, self.values.numel(), self.seed)
         self.support.copy_(picked)
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, rank: int, lora_alpha: float, density: float, seed: int, **_: object
+        cls, linear: nn.Linear, rank: int, lora_alpha: float, density: float, seed: int,
+        b_init: str = "zero", **_: object
     ) -> SparseLowRankLinear:
         w = linear.weight
         return cls(linear.in_features, linear.out_features, rank, lora_alpha, density, seed,
-                   device=w.device, dtype=w.dtype)
+                   device=w.device, dtype=w.dtype, b_init=b_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
@@ -257,7 +266,11 @@ class SparseLowRankLinear(FactoredLinear):
 
 
 class SLTrainOptions(ScaledRankOptions, DensityOptions):
-    pass
+    # The paper starts B at zero, so W starts as the sparse S alone; "uniform" starts it at
+    # s·B·A + S with B drawn as the low-rank method's (docs/results/default-run.md measures both).
+    b_init: Literal["zero", "uniform"] = Field(
+        "zero", json_schema_extra={"exclusive": True},
+        description="B at init: zero (the paper's, W starts as S) or uniform U(+-1/sqrt(r))")
 
 
 METHODS.register("sltrain", SparseLowRankLinear, options=SLTrainOptions,
