@@ -69,7 +69,9 @@ class RunSpec:
     seed: int
     overrides: dict[str, Any]  # dotted config keys
     tag: str = ""  # a tuning run's learning rate, `lr0.002`
-    lr_source: str = "suite"  # the final run's lr: as the suite sets it, tuned, or fallback
+    # Where its lr comes from: "suite", "tuned", "fallback" (no tuning run finished), "grid" (a
+    # tuning run).
+    lr_source: str = "suite"
 
     @property
     def name(self) -> str:

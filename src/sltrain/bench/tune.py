@@ -93,7 +93,8 @@ def tuning_lines(rows: list[dict[str, Any]]) -> list[str]:
         f"{', '.join(map(str, seeds))}. Each cell is the validation loss on the tuning slice (the "
         "first half of the validation blocks; mean over the tuning seeds) at one learning rate; "
         "the rate in bold has the lowest and is the one the final runs use. The final runs are "
-        "evaluated on the other half only.", "",
+        "evaluated on the other half only. The tuning runs' commands are in tune/results.csv.",
+        "",
         "| method | " + " | ".join(f"rate {i + 1}" for i in range(width)) + " | tuned lr |",
         "|---|" + "---|" * width + "---|",
     ]
