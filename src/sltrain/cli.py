@@ -165,7 +165,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report_dir = Path(args.report_dir) if args.report_dir else None
     if args.suite == "list":
         for s in list_suites():
-            print(f"{s.name:<8} {len(s.runs()):>3} runs  {s.description}\n{'':<8} {s.path}")
+            tuning = f" + {len(s.tune_runs())} tuning" if s.tune else ""
+            print(f"{s.name:<8} {len(s.runs()):>3} runs{tuning}  {s.description}\n{'':<8} {s.path}")
         return 0
     if args.suite == "report":
         if not args.dir:
@@ -180,6 +181,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("\n".join(r["commands"]))
         return 0
     failed = [row for row in r["rows"] if row["status"] != "finished"]
+    if r["tuning"]:  # a diverged tuning run is a result of the search, not a failure
+        done = sum(row["status"] == "finished" for row in r["tuning"])
+        print(f"tuning: {done}/{len(r['tuning'])} runs finished")
     print(f"{len(r['rows']) - len(failed)}/{len(r['rows'])} runs finished; results in "
           f"{r['results']}, report in {r['report']}")
     if r["interrupted"]:

@@ -144,8 +144,9 @@ def _data_score_parser(actions: Any) -> argparse.ArgumentParser:
 def _bench_parser(sub: Any) -> Parsers:
     p = sub.add_parser(
         "bench", help="run a suite of methods under one budget and write the comparison report",
-        description="`sltrain bench SUITE` runs a suite (quick, paper, density, rank or a suite "
-        "file); `sltrain bench report DIR` rebuilds the report from DIR/results.csv; "
+        description="`sltrain bench SUITE` runs a suite (quick, quick-tuned, paper, density, rank or "
+        "a suite file; one with [tune] first picks each run's learning rate); "
+        "`sltrain bench report DIR` rebuilds the report from DIR/results.csv; "
         "`sltrain bench list` lists the built-in suites. Config flags apply to every run.")
     p.add_argument("suite", help="a built-in suite, a suite .toml file, `report` or `list`")
     p.add_argument("dir", nargs="?", help="with `report`: the folder holding results.csv")

@@ -143,6 +143,11 @@ class DataConfig(_Section):
     # Splits of an hf: dataset; one without `val_split` holds out the tail of each document.
     train_split: str = "train"
     val_split: str = "validation"
+    # The validation blocks evaluation reads: all of them, or one of two disjoint halves, "tune"
+    # for choosing hyperparameters and "report" for the results (`sltrain bench`'s [tune] stage).
+    val_slice: Literal["all", "tune", "report"] = Field("all", description=(
+        "all | tune (the first half of the validation blocks) | report (the second half); "
+        "default all"))
 
 
 class OptimizerConfig(_RegistrySection):

@@ -1,8 +1,10 @@
-"""The report of a suite, from its `results.csv` alone: a paper-style table, claims, plots.
+"""The report of a suite, from its `results.csv` (and tune/results.csv) alone: a paper-style
+table, claims, the learning-rate tuning, plots.
 
-Writes `report.md` (perplexity mean ± std over seeds, parameters, memory, speed relative to the
-suite's baseline measured in the same suite, published numbers where the preset matches, each
-run's command line) and three PNGs: validation loss against tokens, perplexity against memory
+Writes `report.md` (perplexity mean ± std and 95% interval over seeds, learning rate, parameters,
+memory, speed relative to the suite's baseline measured in the same suite, published numbers
+where the preset matches, the tuning stage's grid when the suite has one, each run's command
+line) and three PNGs: validation loss against tokens, perplexity against memory
 (the papers' trade-off figure), perplexity against parameters. Claims (`[[checks]]`) come from the
 `suite.toml` the runner copies beside the CSV.
 """
@@ -16,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from sltrain.bench.suite import OPS, Check
+from sltrain.bench.tune import TUNE_DIR, tuning_lines
 from sltrain.config import tomllib
 from sltrain.errors import UserError
 from sltrain.files import writable_dir
 
-_NUMERIC = ("seed", "steps", "tokens", "val_loss", "val_ppl", "params_total", "params_trainable",
+_NUMERIC = ("seed", "lr", "steps", "tokens", "val_loss", "val_ppl", "params_total", "params_trainable",
             "est_memory_bytes", "peak_memory_bytes", "tok_per_s", "wall_time_s", "jobs",
             "published_ppl", "published_memory_gb")
 PLOTS = ("loss_curves.png", "ppl_vs_memory.png", "ppl_vs_params.png")
@@ -63,6 +66,25 @@ class Variant:
     def std(self, key: str) -> float | None:
         values = [r[key] for r in self.done if r[key] is not None]
         return statistics.stdev(values) if len(values) > 1 else None
+
+    def interval(self, key: str, level: float = 0.95) -> tuple[float, float] | None:
+        """The Student-t confidence interval of the mean over seeds (None below two seeds)."""
+        from scipy.stats import t
+
+        values = [r[key] for r in self.done if r[key] is not None]
+        if len(values) < 2:
+            return None
+        mean, half = statistics.fmean(values), statistics.stdev(values) / len(values) ** 0.5
+        q = float(t.ppf(0.5 + level / 2, len(values) - 1))
+        return mean - q * half, mean + q * half
+
+    def lr(self) -> str:
+        """The learning rate of the final runs, and whether the tuning stage chose it."""
+        r = next((r for r in self.done), self.rows[0])
+        if r.get("lr") is None:
+            return "—"
+        note = {"tuned": " (tuned)", "fallback": " (untuned: no tuning run finished)"}
+        return f"{r['lr']:g}" + note.get(r.get("lr_source") or "", "")
 
     def metric(self, name: str) -> float | None:
         key = {"peak_memory": "peak_memory_bytes", "est_memory": "est_memory_bytes",
@@ -120,6 +142,25 @@ def check_lines(checks: list[Check], variants: dict[str, Variant]) -> list[str]:
     return lines
 
 
+def _table_row(v: Variant, base: Variant) -> str:
+    ppl, std = v.mean("val_ppl"), v.std("val_ppl")
+    ppl_s = "failed" if ppl is None else f"{ppl:.2f}" + (f" ± {std:.2f}" if std else "")
+    ci = v.interval("val_ppl")
+    pub = v.rows[0]
+    published = ("—" if pub["published_ppl"] is None else
+                 f"{pub['published_ppl']:.2f}" + (f" ({pub['published_memory_gb']:g}G)"
+                                                  if pub["published_memory_gb"] else ""))
+    params, trainable = v.mean("params_total"), v.mean("params_trainable")
+    return (
+        f"| {v.name} | {len(v.done)}/{len(v.rows)} | {ppl_s} | "
+        f"{'—' if ci is None else f'{ci[0]:.2f} – {ci[1]:.2f}'} | {v.lr()} | "
+        f"{'—' if params is None else f'{params / 1e6:.2f}M'} | "
+        f"{'—' if trainable is None else f'{trainable / 1e6:.2f}M'} | "
+        f"{_mb(v.mean('est_memory_bytes'))} | {_mb(v.mean('peak_memory_bytes'))} | "
+        f"{_ratio(v.mean('peak_memory_bytes'), base.mean('peak_memory_bytes'))} | "
+        f"{_ratio(v.mean('tok_per_s'), base.mean('tok_per_s'))} | {published} |")
+
+
 def render(folder: Path, out: Path | None = None) -> Path:
     """Write report.md and the plots for the results.csv in `folder` (into `out`, default the
     same folder); return the report's path."""
@@ -135,6 +176,7 @@ def render(folder: Path, out: Path | None = None) -> Path:
     kinds = sorted({r["peak_memory_kind"] for r in finished if r["peak_memory_kind"]})
     devices = sorted({r["device"] for r in finished if r["device"]})
     jobs = max((r["jobs"] or 1) for r in rows)
+    tuned = any(r.get("lr_source") in ("tuned", "fallback") for r in rows)
     tokens = sorted({int(r["tokens"]) for r in finished if r["tokens"]})
     lines = [
         f"# Benchmark suite `{first['suite']}`",
@@ -144,31 +186,19 @@ def render(folder: Path, out: Path | None = None) -> Path:
         f"{' / '.join(f'{t:,}' for t in tokens) or '—'} training tokens per run; "
         f"device {', '.join(devices) or '—'}; {int(jobs)} run(s) at a time.",
         "",
-        "| method | seeds | val ppl (mean ± std) | params | trainable | est. training state "
-        "| peak memory | memory vs "
+        "| method | seeds | val ppl (mean ± std) | 95% interval | lr | params | trainable "
+        "| est. training state | peak memory | memory vs "
         f"{base.name} | speed vs {base.name} | published ppl (memory) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    base_tps, base_peak = base.mean("tok_per_s"), base.mean("peak_memory_bytes")
-    for v in variants.values():
-        ppl, std = v.mean("val_ppl"), v.std("val_ppl")
-        ppl_s = "failed" if ppl is None else f"{ppl:.2f}" + (f" ± {std:.2f}" if std else "")
-        pub = v.rows[0]
-        published = ("—" if pub["published_ppl"] is None else
-                     f"{pub['published_ppl']:.2f}" + (f" ({pub['published_memory_gb']:g}G)"
-                                                      if pub["published_memory_gb"] else ""))
-        params, trainable = v.mean("params_total"), v.mean("params_trainable")
-        lines.append(
-            f"| {v.name} | {len(v.done)}/{len(v.rows)} | {ppl_s} | "
-            f"{'—' if params is None else f'{params / 1e6:.2f}M'} | "
-            f"{'—' if trainable is None else f'{trainable / 1e6:.2f}M'} | "
-            f"{_mb(v.mean('est_memory_bytes'))} | {_mb(v.mean('peak_memory_bytes'))} | "
-            f"{_ratio(v.mean('peak_memory_bytes'), base_peak)} | "
-            f"{_ratio(v.mean('tok_per_s'), base_tps)} | {published} |")
+    lines += [_table_row(v, base) for v in variants.values()]
     lines += [
         "",
-        "- *val ppl*: exp of the mean validation loss at the end of each run; ± is the standard "
-        "deviation over seeds.",
+        "- *val ppl*: exp of the mean validation loss at the end of each run, averaged over "
+        "seeds; ± is the standard deviation over seeds, the *95% interval* that of the mean "
+        "(Student t with seeds − 1 degrees of freedom)"
+        + ("; evaluated on the report slice (the second half of the validation blocks), which "
+           "the tuning stage never saw." if tuned else "."),
         "- *est. training state*: weights, gradients, optimizer states and sparse indices in the "
         "run's dtype, counted from tensor shapes (`sltrain memory`).",
         f"- *peak memory* ({', '.join(kinds) or '—'}): on CUDA `torch.cuda.max_memory_allocated`; "
@@ -183,6 +213,9 @@ def render(folder: Path, out: Path | None = None) -> Path:
     checks = _load_checks(folder)
     if checks:
         lines += ["", "## Claims checked against these results", "", *check_lines(checks, variants)]
+    tuning = folder / TUNE_DIR / "results.csv"
+    if tuning.is_file():
+        lines += ["", *tuning_lines(read_results(tuning))]
     failed = [r for r in rows if r["status"] != "finished"]
     if failed:
         lines += ["", "## Runs that did not finish", ""]

@@ -23,13 +23,15 @@ from tqdm import tqdm
 
 from sltrain.bench.report import render
 from sltrain.bench.suite import RunSpec, Suite, load_suite
-from sltrain.config import flatten, load_config, saved_config
+from sltrain.bench.tune import TUNE_DIR, tuned_lrs
+from sltrain.config import RunConfig, flag_for, flatten, load_config, saved_config
 from sltrain.errors import UserError
 from sltrain.files import read_json, read_jsonl, writable_dir
 from sltrain.run.checkpoint import list_checkpoints
 
 COLUMNS = [
-    "suite", "run", "variant", "seed", "status", "method", "optimizer", "per_layer_updates",
+    "suite", "run", "variant", "seed", "status", "method", "optimizer", "lr", "lr_source",
+    "per_layer_updates",
     "preset", "steps", "tokens", "val_loss", "val_ppl", "params_total", "params_trainable",
     "est_memory_bytes", "peak_memory_bytes", "peak_memory_kind", "tok_per_s", "wall_time_s",
     "device", "jobs", "baseline", "published_ppl", "published_memory_gb", "val_curve",
@@ -54,7 +56,9 @@ def _config_clash(run_dir: Path, wanted: dict[str, Any]) -> list[str]:
     """Keys where the config saved in `run_dir` differs from the one the suite asks for."""
     if not (run_dir / "config.json").is_file():
         return []
-    saved_flat, wanted_flat = flatten(saved_config(run_dir)), flatten(wanted)
+    # A key the saved config lacks (a run made before the key existed) counts as its default.
+    saved_flat = {**flatten(RunConfig().to_dict()), **flatten(saved_config(run_dir))}
+    wanted_flat = flatten(wanted)
     ignore = ("train.out_dir", "train.progress")
     return [k for k in sorted(set(saved_flat) | set(wanted_flat))
             if k not in ignore and saved_flat.get(k) != wanted_flat.get(k)]
@@ -92,16 +96,23 @@ def _last_error(log: Path) -> str:
 
 
 class SuiteRunner:
+    """Runs `runs` of `suite` into `out`: the final runs, or with `stage="tune"` the tuning runs
+    (into the suite folder's tune/)."""
+
     def __init__(self, suite: Suite, out: Path, runs: list[RunSpec], jobs: int = 1,
-                 extra: dict[str, Any] | None = None, progress: bool = True) -> None:
+                 extra: dict[str, Any] | None = None, progress: bool = True,
+                 stage: str = "final") -> None:
         if jobs < 1:
             raise UserError(f"--jobs {jobs} is not a number of parallel runs; pass 1 or more")
         self.suite, self.out, self.runs, self.jobs = suite, out, runs, jobs
         self.extra = extra or {}
-        self.progress = progress
+        self.progress, self.stage = progress, stage
         # Rows of earlier invocations (other seeds, `--only` subsets) stay in results.csv.
         self.rows: dict[str, dict[str, Any]] = _previous_rows(out / "results.csv")
-        self.order = [r.name for r in suite.runs()] + [r.name for r in runs]
+        every = suite.tune_runs() if stage == "tune" else suite.runs()
+        self.order = [r.name for r in every] + [r.name for r in runs]
+        if stage == "tune":  # rows of another grid or other tuning seeds would skew the choice
+            self.rows = {k: v for k, v in self.rows.items() if k in self.order}
         self.stopping = threading.Event()  # set by Ctrl-C: runs not yet started are skipped
         self.steps: dict[str, int] = {}  # update steps of each run, for the progress bar
         self._lock = threading.Lock()
@@ -164,6 +175,7 @@ class SuiteRunner:
         row: dict[str, Any] = {
             "suite": self.suite.name, "run": run.name, "variant": run.variant, "seed": run.seed,
             "status": status, "method": cfg.method.name, "optimizer": cfg.optimizer.name,
+            "lr": cfg.optimizer.lr, "lr_source": run.lr_source,
             "per_layer_updates": cfg.optimizer.per_layer_updates, "preset": cfg.model.preset,
             "steps": cfg.train.steps, "jobs": self.jobs,
             "baseline": run.variant == self.suite.baseline,
@@ -215,7 +227,7 @@ class SuiteRunner:
         shutil.copyfile(self.suite.path, self.out / "suite.toml")
         self.steps = {r.name: load_config(None, self.overrides(r)).train.steps for r in self.runs}
         bar = tqdm(total=sum(self.steps.values()), unit="step", disable=not self.progress, dynamic_ncols=True,
-                   desc=f"bench {self.suite.name}")
+                   desc=f"bench {self.suite.name}" + (" (tuning)" if self.stage == "tune" else ""))
         slots = list(range(self.jobs))
         done_now: set[str] = set()
 
@@ -258,27 +270,60 @@ class SuiteRunner:
         return [self.rows[r.name] for r in self.runs if r.name in done_now]
 
 
+def _checked_extra(suite: Suite, overrides: dict[str, Any] | None) -> tuple[dict[str, Any], bool]:
+    """The config flags for every run and whether to show the suite's progress bar."""
+    extra = dict(overrides or {})
+    progress = extra.pop("train.progress", True) not in (False, "false", "0", "no")
+    for key in ("train.seed", "train.out_dir"):
+        if key in extra:
+            raise UserError(f"a suite sets {key} for each run; use --seeds and --out instead")
+    for key in ("optimizer.lr", "data.val_slice") if suite.tune else ():
+        if key in extra:
+            raise UserError(f"suite {suite.name} has a tuning stage, which sets {flag_for(key)} "
+                            "for each run; drop it")
+    return extra, progress
+
+
+def _tune_stage(suite: Suite, out: Path, only: list[str] | None, jobs: int, extra: dict[str, Any],
+                progress: bool, dry_run: bool) -> tuple[SuiteRunner, dict[str, Any]]:
+    """Run (or for a dry run, list) the tuning runs into `out`/tune; return their runner and each
+    chosen variant's tuned rate (None: none finished; PENDING: a dry run before tuning)."""
+    runner = SuiteRunner(suite, out / TUNE_DIR, suite.tune_runs(only), jobs, extra, progress,
+                         stage="tune")
+    if not dry_run:
+        runner.check_reusable()
+        runner.run()
+    return runner, tuned_lrs(suite, runner.rows, only, pending=dry_run)
+
+
 def run_suite(name: str, out: Path | None = None, seeds: list[int] | None = None,
               only: list[str] | None = None, jobs: int = 1, overrides: dict[str, Any] | None = None,
               dry_run: bool = False, report_dir: Path | None = None) -> dict[str, Any]:
     """`sltrain bench SUITE`: run the suite `name` (built-in or a file) into `out` (default
-    runs/bench-SUITE) with `overrides` on every run, then write its report. Returns `commands`
-    (all that a dry run does), or the result `rows`, the `results` and `report` paths and whether
-    the suite was `interrupted`."""
+    runs/bench-SUITE) with `overrides` on every run, then write its report. With a [tune] table
+    the tuning stage runs first and the final runs take its rates. Returns `commands` (all that a
+    dry run does), or the final runs' result `rows`, the `results` and `report` paths, whether
+    the suite was `interrupted` and the tuning runs' `tuning` rows."""
     suite = load_suite(name)
-    extra = dict(overrides or {})
-    progress = extra.pop("train.progress", True) not in (False, "false", "0", "no")  # the suite's bar
-    for key in ("train.seed", "train.out_dir"):
-        if key in extra:
-            raise UserError(f"a suite sets {key} for each run; use --seeds and --out instead")
+    extra, progress = _checked_extra(suite, overrides)
     out = out or Path(f"runs/bench-{suite.name}")
-    runner = SuiteRunner(suite, out, suite.runs(seeds, only), jobs, extra, progress=progress)
+    tuner, lrs = (_tune_stage(suite, out, only, jobs, extra, progress, dry_run) if suite.tune
+                  else (None, None))
+    runner = SuiteRunner(suite, out, suite.runs(seeds, only, lrs), jobs, extra, progress=progress)
     if dry_run:
-        return {"commands": ["sltrain " + " ".join(runner.command(r)) for r in runner.runs]}
+        stages = [tuner, runner] if tuner else [runner]
+        return {"commands": ["sltrain " + " ".join(st.command(r)) for st in stages
+                             for r in st.runs]}
+    tuning = [tuner.rows[r.name] for r in tuner.runs if r.name in tuner.rows] if tuner else []
+    if tuner and tuner.stopping.is_set():  # the final runs need every tuning run's result
+        return {"commands": [], "rows": [], "out": str(out), "tuning": tuning,
+                "results": str(tuner.out / "results.csv"), "interrupted": True,
+                "report": "none yet (stopped in the tuning stage)"}
     runner.check_reusable()
     rows = runner.run()
     return {"commands": [], "rows": rows, "out": str(out), "results": str(out / "results.csv"),
-            "report": str(render(out, report_dir)), "interrupted": runner.stopping.is_set()}
+            "report": str(render(out, report_dir)), "interrupted": runner.stopping.is_set(),
+            "tuning": tuning}
 
 
 def _gpu_count() -> int:

@@ -43,6 +43,24 @@ class Blocks:
         return rows_t[:, :-1], rows_t[:, 1:]
 
 
+VAL_SLICES = ("all", "tune", "report")
+
+
+def held_out_slice(tokens: np.ndarray, seq_len: int, which: str) -> np.ndarray:
+    """The part of a validation stream that evaluation reads: "all" the whole stream (the same
+    array), "tune" its first half of blocks, "report" the rest.
+
+    `sltrain bench` picks learning rates on "tune" and reports on "report". The report part
+    starts one token after the tune part ends, so that not even the target token of the tune
+    part's last block is an input of the report part. The halves are of whole blocks of
+    `seq_len`, so runs of the same data and `seq_len` cut the stream at the same token.
+    """
+    if which == "all":
+        return tokens
+    cut = len(Blocks(tokens, seq_len)) // 2 * seq_len + 1
+    return tokens[:cut] if which == "tune" else tokens[cut:]
+
+
 class BlockSampler:
     """Random batches of blocks, a new permutation each epoch; its position is checkpointed."""
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from sltrain.config import DataConfig, RunConfig
 from sltrain.data import corpus, streaming, tokens
 from sltrain.data import tokenizer as bpe
-from sltrain.data.packing import pack
+from sltrain.data.packing import held_out_slice, pack
 from sltrain.data.tokenizer import load_tokenizer, save_tokenizer
 from sltrain.errors import UserError
 from sltrain.files import writable_dir
@@ -262,6 +262,7 @@ def prepare(
     `cfg.val_tokens` cap it. `cfg.source` may also be a token folder (`sltrain data prepare
     --out`). `progress=None` shows a bar on a terminal only.
     """
+    _check_slice(cfg)
     path = corpus.resolve(cfg.source)
     # A folder with train.bin is a token folder even when its meta.json is damaged (then refused).
     if not streaming.is_hf(cfg.source) and path.is_dir() and (
@@ -294,7 +295,16 @@ def prepare(
                             tokens.cut(streams["val"], budgets["val"], eos_id), eos_id, eos,
                             folder, meta, built)
     _check_ids(data, vocab_size)
+    data.val = held_out_slice(data.val, cfg.seq_len, cfg.val_slice)
     return data
+
+
+def _check_slice(cfg: DataConfig) -> None:
+    """A half of the validation stream is the same tokens in every run only if the stream is:
+    a streamed source's is as long as each run's evaluation asks, unless --val-tokens fixes it."""
+    if cfg.val_slice != "all" and streaming.is_hf(cfg.source) and cfg.val_tokens is None:
+        raise UserError(f"--val-slice {cfg.val_slice} on the streamed source {cfg.source} needs "
+                        "--val-tokens N, so that every run halves the same validation stream")
 
 
 def _old_counts(folder: Path) -> dict[str, int]:
