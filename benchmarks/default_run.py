@@ -36,7 +36,7 @@ def run(folder: Path, flags: list[str], threads: int) -> dict:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         cmd = [sys.executable, "-m", "sltrain", "train", "--progress", "false",
                "--out-dir", str(folder), *flags]
-        print(f"$ OMP_NUM_THREADS={threads} sltrain train {shlex.join(cmd[5:])}", flush=True)
+        print(f"$ OMP_NUM_THREADS={threads} sltrain train {shlex.join(cmd[4:])}", flush=True)
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     s = json.loads(summary.read_text())
     return {"flags": flags, "threads": threads, "val_ppl": s["val_ppl"], "val_loss": s["val_loss"],
