@@ -53,7 +53,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--lr-grid", action="store_true", help="also the lr grids (seed 0, 2 threads)")
+    p.add_argument("--lr-grid", action="store_true", help="also the lr grids (seed 0, one thread)")
     p.add_argument("--extra", default="", help="flags added to every run, e.g. '--b-init zero'")
     p.add_argument("--label", default="", help="suffix of the results file and run folders")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "default-run")
@@ -67,10 +67,10 @@ def main() -> None:
             for seed in a.seeds for t in a.threads}
     grids = {"sltrain": SLTRAIN_LRS, "full": FULL_LRS} if a.lr_grid else {}
     for method, lrs in grids.items():
-        for lr in lrs:  # seed 0, 2 threads; sltrain at 3e-3 is the default run itself
-            same = method == "sltrain" and lr == 3e-3 and (0, 2) in jobs
-            jobs[(method, lr)] = jobs[(0, 2)] if same else (
-                runs / f"{method}-lr{lr:g}", [*extra, "--method", method, "--lr", str(lr)], 2)
+        for lr in lrs:  # seed 0, one thread; sltrain at 3e-3 is the default run itself
+            same = method == "sltrain" and lr == 3e-3 and (0, 1) in jobs
+            jobs[(method, lr)] = jobs[(0, 1)] if same else (
+                runs / f"{method}-lr{lr:g}", [*extra, "--method", method, "--lr", str(lr)], 1)
     with ThreadPoolExecutor(a.jobs) as pool:
         done = dict(zip(jobs, pool.map(lambda j: run(*j), jobs.values()), strict=True))
     for seed in a.seeds:
