@@ -13,7 +13,7 @@ from sltrain.config import load_config
 from sltrain.device import autocast_for, cast_weights_
 from sltrain.measure.budget import fits, parse_size, rank_key
 from sltrain.measure.loss import plain_head
-from sltrain.measure.peak import PRECISIONS, StepModel, predict_peak, saved_bytes
+from sltrain.measure.peak import StepModel, precision_of, predict_peak, saved_bytes
 from sltrain.measure.tensor_bytes import LiveTensorBytes
 from sltrain.model import build_model
 from sltrain.train.checkpointing import apply_activation_checkpointing
@@ -55,8 +55,9 @@ def saved_during_forward(cfg, batch: int = 8) -> int:
 
 
 def predicted_saved(cfg, batch: int = 8) -> int:
-    head, blocks = saved_bytes(build_model(cfg, device="meta"), cfg,
-                               PRECISIONS[cfg.train.precision], batch * cfg.data.seq_len)
+    model = build_model(cfg, device="meta")
+    head, blocks = saved_bytes(model, cfg, precision_of(model, cfg.train.precision),
+                               batch * cfg.data.seq_len)
     return head + sum(blocks)
 
 
@@ -74,6 +75,7 @@ def test_activation_term_equals_the_bytes_a_forward_saves(method, precision, che
     {"method.name": "sparse"}, {"method.name": "relora"}, {"method.name": "lost"},
     {"method.name": "cola"}, {"method.name": "cola_m"}, {"loss.chunk_tokens": 0},
     {"model.norm": "pre_ln"}, {"model.norm": "post_ln"}, {"model.norm": "pre_crmsnorm"},
+    {"model.embed_proj": True},
     {"train.activation_checkpointing": "every:2"}])
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
 def test_activation_term_of_other_layers_norms_and_losses(overrides, precision):
@@ -155,8 +157,8 @@ def test_bad_budget_is_one_line_and_exit_2(capsys, bad):
 def test_budget_lists_ranks_and_each_fit_is_the_largest_batch(capsys):
     budget = parse_size("400MiB")
     cfg = load_config(None, {"model.preset": "llama-cpu", "data.seq_len": 256})
-    found = fits(cfg, budget)
-    assert found and found == sorted(found, key=rank_key)
+    found, skipped = fits(cfg, budget)
+    assert found and found == sorted(found, key=rank_key) and not skipped
     assert {f.method for f in found} == {"full", "sltrain", "lowrank"}
     for f in found[:4]:
         assert f.peak.total <= budget
@@ -175,3 +177,19 @@ def test_budget_lists_ranks_and_each_fit_is_the_largest_batch(capsys):
     assert "ranked by micro-batch (largest first)" in text and "predicted peak" in text
     assert main(["memory", "--model", "llama-cpu", "--budget", "1MB"]) == 0
     assert "none fits" in capsys.readouterr().out
+
+
+def test_budget_skips_setups_that_cannot_be_built_here(monkeypatch, capsys):
+    import sltrain.optim.adam8bit as adam8bit
+    from sltrain.errors import UserError
+
+    def missing():
+        raise UserError("8-bit optimizer states need bitsandbytes; pip install bitsandbytes")
+
+    monkeypatch.setattr(adam8bit, "bitsandbytes", missing)
+    cfg = load_config(None, {"model.preset": "llama-cpu", "data.seq_len": 256})
+    found, skipped = fits(cfg, parse_size("400MiB"))
+    assert set(skipped) == {"full + adam8bit", "sltrain + adam8bit"}
+    assert found and all(f.optimizer != "adam8bit" for f in found)
+    assert main(["memory", "--model", "llama-cpu", "--seq-len", "256", "--budget", "400MiB"]) == 0
+    assert "skipped sltrain + adam8bit: 8-bit optimizer states need bitsandbytes" in capsys.readouterr().out

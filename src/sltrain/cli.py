@@ -154,16 +154,18 @@ def _memory_budget(cfg: Any, budget_text: str, as_json: bool) -> int:
     from sltrain.measure.budget import RANKING, fits, parse_size
 
     budget = parse_size(budget_text)
-    found = fits(cfg, budget)
+    found, skipped = fits(cfg, budget)
     if as_json:
         print(json.dumps({"preset": cfg.model.preset, "seq_len": cfg.data.seq_len,
                           "budget_bytes": budget, "ranking": RANKING,
-                          "fits": [f.to_dict() for f in found]}, indent=2))
+                          "fits": [f.to_dict() for f in found], "skipped": skipped}, indent=2))
         return 0
     binary = "i" in budget_text.lower()
     print(f"{cfg.model.preset} at seq-len {cfg.data.seq_len}: the setups whose predicted peak "
           f"fits {budget_text.strip()} ({budget:,} B), each at its largest micro-batch "
           f"(powers of two); ranked by {RANKING}")
+    for setup, why in skipped.items():
+        print(f"  skipped {setup}: {why}")
     if not found:
         print("  none fits, even at micro-batch 1: raise --budget or lower --seq-len")
         return 0

@@ -114,16 +114,21 @@ def setup_fits(cfg: RunConfig, model: Any, optimizer: str, per_layer: bool,
     return out
 
 
-def fits(cfg: RunConfig, budget: int) -> list[Fit]:
-    """Every setup (SETUPS x per-layer updates x PRECISIONS x CHECKPOINTING) that fits `budget`
-    at cfg's shape and sequence length, with its largest micro-batch, ranked by `rank_key`."""
+def fits(cfg: RunConfig, budget: int) -> tuple[list[Fit], dict[str, str]]:
+    """(every setup of SETUPS x per-layer updates x PRECISIONS x CHECKPOINTING that fits
+    `budget` at cfg's shape and sequence length, with its largest micro-batch, ranked by
+    `rank_key`; {"method + optimizer": why} for those that cannot be built here, such as 8-bit
+    states without bitsandbytes)."""
     from sltrain.model import build_model
 
-    out = []
+    out, skipped = [], {}
     for method in dict.fromkeys(m for m, _ in SETUPS):
         method_cfg = _config(cfg, method, "adamw", False)
         model = build_model(method_cfg, device="meta")
         for optimizer in (o for m, o in SETUPS if m == method):
             for per_layer in (False, True):
-                out += setup_fits(method_cfg, model, optimizer, per_layer, budget)
-    return sorted(out, key=rank_key)
+                try:
+                    out += setup_fits(method_cfg, model, optimizer, per_layer, budget)
+                except UserError as e:
+                    skipped[f"{method} + {optimizer}"] = str(e)
+    return sorted(out, key=rank_key), skipped

@@ -36,6 +36,15 @@ PRECISIONS = {"fp32": Precision(4, 4, False), "bf16-mixed": Precision(4, 2, True
               "bf16": Precision(2, 2, False)}
 
 
+def precision_of(model: nn.Module, precision: str) -> Precision:
+    """The element sizes `model` computes with under `precision`: under autocast an embedding
+    projection's output, and so the residual stream after it, is bf16."""
+    p = PRECISIONS[precision]
+    if p.autocast and model.embed_proj is not None:
+        return Precision(p.compute, p.compute, True)
+    return p
+
+
 @dataclass
 class PeakPrediction:
     """The predicted peak of a training step and what is alive at it: `states` (weights,
@@ -101,16 +110,22 @@ def block_bytes(block: nn.Module, cfg: Any, tokens: int, p: Precision) -> int:
     return norms + tokens * per_token + linears
 
 
+def _hidden_size(p: Precision) -> int:
+    """Bytes an element of the final norm's output: float32 under autocast (its float32 gain)."""
+    return 4 if p.autocast else p.stream
+
+
 def head_bytes(model: nn.Module, tokens: int, p: Precision, chunk: int) -> int:
     """The final norm, the token ids and targets, and the loss's: the chunked loss keeps the
     hidden states; the plain one the lm_head's input (its bf16 copies under autocast), the
     logits the step holds and log_softmax's float32 output."""
     d, vocab = model.cfg.resid_dim, model.cfg.vocab_size
     kept = norm_bytes(model.norm, d, tokens, p) + 2 * IDS * tokens
-    if model.embed_proj is not None:
-        kept += linear_bytes(model.embed_proj, tokens, p, float_input=False) + tokens * d * p.stream
+    if model.embed_proj is not None:  # keeps the embedding's output as its input (or a bf16 copy)
+        kept += linear_bytes(model.embed_proj, tokens, p, float_input=True)
+        kept += 0 if p.autocast else tokens * d * p.stream
     if chunk:
-        return kept + tokens * d * p.stream
+        return kept + tokens * d * _hidden_size(p)
     head_input = tokens * d * (p.compute if p.autocast else p.stream)
     return kept + head_input + (2 * vocab * d if p.autocast else 0) + tokens * vocab * (p.compute + 4)
 
@@ -139,7 +154,7 @@ def loss_transients(model: nn.Module, tokens: int, p: Precision, chunk: int,
     rows = min(chunk, tokens)
     previous = p.compute if tokens > rows else 0
     grad_sum = (4 - weight_size) * vocab * d  # beyond the gradient it becomes
-    backward = rows * vocab * (8 + previous) + tokens * d * p.stream + head_copy + grad_sum
+    backward = rows * vocab * (8 + previous) + tokens * d * _hidden_size(p) + head_copy + grad_sum
     return rows * vocab * 8 + head_copy, backward
 
 
@@ -301,8 +316,8 @@ class StepModel:
         dtype = weight_dtype(precision)
         weight_size = torch.empty((), dtype=dtype).element_size()
         tokens = cfg.train.batch_size * cfg.data.seq_len
-        loss_forward, units = backward_units(self.model, cfg, PRECISIONS[precision], tokens,
-                                             weight_size)
+        loss_forward, units = backward_units(self.model, cfg, precision_of(self.model, precision),
+                                             tokens, weight_size)
         state = estimate_memory(self.model, dtype, cfg.optimizer, cfg.rank, cfg.train.grad_accum,
                                 built=self.optimizer)
         moments = step_moments(cfg, state, self.optimizer, weight_size, loss_forward, units)
