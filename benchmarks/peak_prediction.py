@@ -8,8 +8,10 @@ baseline); the prediction is `sltrain.measure.peak.predict_peak` of the same con
     python benchmarks/peak_prediction.py --only cpu-full -- --device cpu
 
 On CPU every configuration runs twice: with glibc's default allocator settings, and with
-MALLOC_MMAP_THRESHOLD_ fixed (`--mmap-threshold`), under which freed tensors go back to the
-system at once and the resident size follows the live tensors. Writes
+MALLOC_MMAP_THRESHOLD_ fixed at glibc's initial 128 KiB (`--mmap-threshold`). By default glibc
+raises that threshold to the size of the largest block freed so far (up to 32 MiB), after which
+smaller tensors live on the heap, whose freed memory is mostly kept; fixed, every tensor above it
+is its own mapping, returned when freed, and the resident size follows the live tensors. Writes
 benchmarks/results/peak-prediction.json.
 """
 
@@ -90,7 +92,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="+", choices=list(CONFIGS), help="these configurations only")
     ap.add_argument("--steps", type=int, default=RUN["train.steps"])
-    ap.add_argument("--mmap-threshold", type=int, default=65536,
+    ap.add_argument("--mmap-threshold", type=int, default=131072,
                     help="MALLOC_MMAP_THRESHOLD_ of the second run of each config (0: no second run)")
     ap.add_argument("--results", type=Path,
                     default=Path(__file__).parent / "results" / "peak-prediction.json")
