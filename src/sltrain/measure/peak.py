@@ -96,7 +96,7 @@ def _linears(block: nn.Module) -> list[tuple[nn.Module, bool]]:
 
 
 def block_bytes(block: nn.Module, cfg: Any, tokens: int, p: Precision) -> int:
-    """Bytes one Pre-norm decoder block's forward keeps for backward: two norms; q and k after
+    """Bytes one decoder block's forward keeps for backward: two norms; q and k after
     RoPE, v, the attention output and its float32 log-sum-exp (fused SDPA's saved tensors: no
     T x T matrix); SwiGLU's gate, up, silu(gate) and their product; the norm outputs the linears
     keep as their input (under autocast each keeps its own bf16 copy instead); the linears' own."""
