@@ -82,18 +82,23 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from sltrain.measure import count_parameters
     from sltrain.measure.flops import format_flops, model_flops
     from sltrain.measure.memory import estimate_for
+    from sltrain.measure.peak import predict_peak
     from sltrain.model import build_model
     from sltrain.parametrize.base import FactoredLinear
 
     cfg = load_config(None, _overrides(args))
+    if args.budget is not None:
+        return _memory_budget(cfg, args.budget, args.json)
     model = build_model(cfg, device="meta")
     counts = count_parameters(model)
     dtype = weight_dtype(args.precision)
     mem = estimate_for(cfg, args.precision, model)
+    peak = predict_peak(cfg, args.precision, model)
     report = {"preset": cfg.model.preset, "method": cfg.method.name, "precision": args.precision,
               "dtype": _dtype_name(dtype),
               "optimizer": cfg.optimizer.name, "params": counts, "bytes": mem.to_dict(),
-              "flops_per_token": model_flops(model, cfg.data.seq_len, cfg.train.batch_size)}
+              "flops_per_token": model_flops(model, cfg.data.seq_len, cfg.train.batch_size),
+              "peak": {**peak.to_dict(), **_peak_inputs(cfg)}}
     # The chosen method's own options (rank, lora_alpha, density, ...), the preset's where unset.
     options = cfg.method_options()
     report.update({k: v for k, v in options.items() if k not in report})
@@ -117,11 +122,72 @@ def cmd_memory(args: argparse.Namespace) -> int:
             ("total", mem.total)]
     for name, n in rows:
         print(f"  {name:<24} {_fmt_bytes(n):>12}   {n:>16,} B")
+    _print_peak(cfg, peak)
     flops = report["flops_per_token"]
     print(f"FLOPs per token: forward {format_flops(flops['forward'])}, training "
           f"{format_flops(flops['train'])} (forward + backward, seq_len {cfg.data.seq_len}, "
           f"micro-batch {cfg.train.batch_size})")
     return 0
+
+
+def _peak_inputs(cfg: Any) -> dict[str, Any]:
+    t = cfg.train
+    return {"batch_size": t.batch_size, "seq_len": cfg.data.seq_len, "grad_accum": t.grad_accum,
+            "activation_checkpointing": t.activation_checkpointing,
+            "chunk_tokens": cfg.loss.chunk_tokens}
+
+
+def _print_peak(cfg: Any, peak: Any) -> None:
+    t = cfg.train
+    chunks = (f"loss chunks of {cfg.loss.chunk_tokens} tokens" if cfg.loss.chunk_tokens
+              else "full logits")
+    print(f"predicted peak of an update step (micro-batch {t.batch_size} x {cfg.data.seq_len} "
+          f"tokens, grad-accum {t.grad_accum}, checkpointing {t.activation_checkpointing}, "
+          f"{chunks}), at {peak.moment}:")
+    for name, n in (("state held then", peak.states), ("activations kept", peak.activations),
+                    ("largest transient", peak.transient), ("peak", peak.total)):
+        print(f"  {name:<24} {_fmt_bytes(n):>12}   {n:>16,} B")
+
+
+def _memory_budget(cfg: Any, budget_text: str, as_json: bool) -> int:
+    """`sltrain memory --budget SIZE`: the setups whose predicted peak fits, ranked."""
+    from sltrain.measure.budget import RANKING, fits, parse_size
+
+    budget = parse_size(budget_text)
+    found, skipped = fits(cfg, budget)
+    if as_json:
+        print(json.dumps({"preset": cfg.model.preset, "seq_len": cfg.data.seq_len,
+                          "budget_bytes": budget, "ranking": RANKING,
+                          "fits": [f.to_dict() for f in found], "skipped": skipped}, indent=2))
+        return 0
+    binary = "i" in budget_text.lower()
+    print(f"{cfg.model.preset} at seq-len {cfg.data.seq_len}: the setups whose predicted peak "
+          f"fits {budget_text.strip()} ({budget:,} B), each at its largest micro-batch "
+          f"(powers of two); ranked by {RANKING}")
+    for setup, why in skipped.items():
+        print(f"  skipped {setup}: {why}")
+    if not found:
+        print("  none fits, even at micro-batch 1: raise --budget or lower --seq-len")
+        return 0
+    head = ("method", "optimizer", "per-layer", "precision", "checkpointing", "micro-batch",
+            "trainable", "predicted peak", "peak at")
+    table = [head] + [(f.method, f.optimizer, "yes" if f.per_layer else "no", f.precision,
+                       f.checkpointing, str(f.micro_batch), _fmt_count(f.trainable),
+                       _fmt_size(f.peak.total, binary), f.peak.moment) for f in found]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _fmt_size(n: float, binary: bool) -> str:
+    if not binary:
+        return _fmt_bytes(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.2f} GiB"
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -77,15 +77,36 @@ def _train_parser(sub: Any) -> Parsers:
 
 
 def _memory_parser(sub: Any) -> Parsers:
-    p = sub.add_parser("memory", help="parameter count and training-state bytes, without training")
+    p = sub.add_parser("memory", help="parameter count, training-state bytes and the predicted "
+                       "peak of a step, without training; --budget: which setups fit")
     p.add_argument("--precision", choices=["fp32", "bf16-mixed", "bf16"], default="bf16",
                    help="what `train --precision` stores: bf16 (the papers' setting, default) holds "
                    "2-byte weights, gradients and states; fp32 and bf16-mixed 4-byte ones")
     p.add_argument("--dtype", dest="precision", type=_storage_dtype, metavar="{float32,bfloat16}",
                    help="the old spelling of --precision: float32 = fp32, bfloat16 = bf16")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _peak_flags(p)
     add_config_flags(p, sections=("model", "method", "optimizer"))
     return {"memory": p}
+
+
+def _peak_flags(p: argparse.ArgumentParser) -> None:
+    """The run shape of `sltrain memory`'s predicted peak, spelled as `sltrain train` does."""
+    peak = p.add_argument_group("predicted peak (as `sltrain train` spells them)")
+    for flag, key, kind, what in (
+            ("--batch-size", "train.batch_size", int, "micro-batch, in sequences (default: 16)"),
+            ("--seq-len", "data.seq_len", int, "tokens a sequence (default: 128)"),
+            ("--grad-accum", "train.grad_accum", int, "micro-batches an update (default: 1)"),
+            ("--activation-checkpointing", "train.activation_checkpointing", str,
+             "none (default), full or every:K"),
+            ("--chunk-tokens", "loss.chunk_tokens", int,
+             "logits rows the loss forms at a time; 0 = full logits (default: 1024)")):
+        peak.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS,
+                          metavar=key.split(".")[1].upper(), help=what)
+    peak.add_argument("--budget", metavar="SIZE", help="instead: every method x optimizer x "
+                      "per-layer x precision x checkpointing setup whose predicted peak fits SIZE "
+                      "(24GiB, 24GB, 500MiB, 500MB) at --seq-len, each at its largest "
+                      "micro-batch, ranked; --method, --optimizer and --precision are ignored")
 
 
 def _storage_dtype(value: str) -> str:

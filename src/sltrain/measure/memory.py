@@ -66,10 +66,12 @@ def estimate_memory(
     optimizer: OptimizerConfig | None = None,
     rank: int = 0,
     grad_accum: int = 1,
+    built: torch.optim.Optimizer | None = None,
 ) -> MemoryBreakdown:
     """Training-state bytes of `model` (any device, meta included) stored in `dtype`, with the
     optimizer `optimizer` describes (AdamW by default). The optimizer is built over the model
-    without allocating any state; each optimizer states its own bytes from the shapes."""
+    without allocating any state (or is `built`, already so); each optimizer states its own
+    bytes from the shapes."""
     from sltrain.optim import build_optimizer
 
     # Clipping does not change the state; per-layer updates would refuse it.
@@ -77,13 +79,13 @@ def estimate_memory(
     size = torch.empty((), dtype=dtype).element_size()
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
-    opt = build_optimizer(model, cfg, rank, grad_accum)
+    opt = built if built is not None else build_optimizer(model, cfg, rank, grad_accum)
     try:
         states = sum(opt.state_bytes(p, group, size)
                      for group in opt.param_groups for p in group["params"])
         states += opt.shared_state_bytes()
     finally:
-        if hasattr(opt, "remove_hooks"):
+        if built is None and hasattr(opt, "remove_hooks"):
             opt.remove_hooks()
     return MemoryBreakdown(
         weights=sum(p.numel() for p in params) * size,

@@ -13,7 +13,7 @@ from torch import nn
 from sltrain.config import OptimizerConfig
 from sltrain.errors import UserError
 from sltrain.optim.base import adam_moments_
-from sltrain.optim.rounding import LOW_PRECISION, flat_chunks, round_into_
+from sltrain.optim.rounding import CHUNK, LOW_PRECISION, flat_chunks, round_into_
 from sltrain.registry import OPTIMIZERS
 
 BLOCKSIZE = 256  # bitsandbytes' block size for blockwise 8-bit optimizer states
@@ -150,6 +150,14 @@ def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> torch.optim.Opti
         def shared_state_bytes(self) -> int:
             has_8bit = any(p.numel() >= MIN_8BIT_SIZE for g in self.param_groups for p in g["params"])
             return 2 * 256 * 4 if has_8bit else 0
+
+        def step_transient_bytes(self, element_size: int) -> int:
+            """bf16 weights step on float32 copies of a slice of the weight and of its gradient
+            (`sliced_update`); float32 ones in place, in bitsandbytes' kernel."""
+            if element_size >= 4:
+                return 0
+            largest = max(p.numel() for g in self.param_groups for p in g["params"])
+            return 2 * 4 * min(largest, CHUNK)
 
     return Adam8bit(param_groups(model, cfg, split_matrices=False), lr=cfg.lr,
                     betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,

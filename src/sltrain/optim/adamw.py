@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sltrain.config import OptimizerConfig
-from sltrain.optim.rounding import LOW_PRECISION, flat_chunks, round_into_
+from sltrain.optim.rounding import CHUNK, LOW_PRECISION, flat_chunks, round_into_
 from sltrain.registry import OPTIMIZERS
 
 
@@ -31,6 +31,15 @@ class AdamW(torch.optim.AdamW):
 
     def shared_state_bytes(self) -> int:
         return 0
+
+    def step_transient_bytes(self, element_size: int) -> int:
+        """The most bytes a step holds besides the states and gradients: torch's foreach step on
+        float32 weights forms sqrt(exp_avg_sq) for a whole group at once; the bf16 step works on
+        slices of `CHUNK` elements, with eight float32 temporaries of a slice."""
+        if element_size >= 4:
+            return max(sum(p.numel() for p in g["params"]) * element_size for g in self.param_groups)
+        largest = max(p.numel() for g in self.param_groups for p in g["params"])
+        return 8 * 4 * min(largest, CHUNK)
 
     @torch.no_grad()
     def step(self, closure=None):

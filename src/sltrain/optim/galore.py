@@ -91,6 +91,23 @@ class GaLore(SltrainOptimizer):
         return (self.moments_bytes(rank * max(p.shape), group, element_size)
                 + projector.projector_bytes(p.shape, rank, group["projector"], element_size))
 
+    def step_transient_bytes(self, element_size: int) -> int:
+        """The most bytes a step holds besides the states and gradients, from the shapes: for a
+        projected (m, n) matrix, the projector refresh's SVD (the float32 matrix, U, V^T and
+        LAPACK's ~4 k^2 workspace, k = min(m, n); on the first step and every update_proj_gap)
+        or else the projected-back update and its scaled copy; for the others, the Adam
+        temporaries (five float32 copies with 8-bit moments, two without)."""
+        most = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                n, rank = p.numel(), self._subspace(p, group)
+                if rank is None:
+                    most = max(most, (5 if group["eight_bit"] else 2) * 4 * n)
+                else:
+                    k = min(p.shape)
+                    most = max(most, 4 * (n + k * sum(p.shape) + 4 * k * k), 2 * n * element_size)
+        return most
+
     def shared_state_bytes(self) -> int:
         from sltrain.optim.adam8bit import MIN_8BIT_SIZE
 

@@ -163,3 +163,17 @@ class FactoredLinear(nn.Module, ABC):
         """Backward FLOPs per token: the gradients of the input and of every matmul operand cost
         one matmul each, twice the forward (the "6 N" rule's 4 N) unless the layer says otherwise."""
         return 2.0 * self.flops_per_token(tokens_per_batch)
+
+    # ---- memory (the peak prediction of `sltrain memory`, measure/peak.py) ----------------------
+    def saved_bytes(self, tokens: int, compute_size: int, autocast: bool) -> int:
+        """Bytes a forward over `tokens` tokens keeps for backward besides the layer's parameters
+        and one copy of its input in the compute dtype (`compute_size` bytes an element), which
+        the caller counts: inner activations, and under bf16 autocast the bf16 copies of the
+        weights F.linear takes. Default: none (a custom autograd Function saving only its input
+        and parameters)."""
+        return 0
+
+    def backward_transient_bytes(self, tokens: int, compute_size: int, autocast: bool) -> int:
+        """The most bytes the backward holds at once besides the gradients it returns, such as a
+        dense weight recomposed from the factors. Default: none worth counting."""
+        return 0

@@ -151,6 +151,14 @@ class CoLALinear(FactoredLinear):
             flops += 2.0 * self.rank * self.in_features + SILU_FLOPS * self.rank
         return flops
 
+    def saved_bytes(self, tokens: int, compute_size: int, autocast: bool) -> int:
+        """A x and σ(A x) (rank values a token each) and, under autocast, the bf16 copies of A
+        and B; CoLA-M keeps only its input."""
+        if self.recompute:
+            return 0
+        copies = 2 * self.rank * (self.in_features + self.out_features) if autocast else 0
+        return 2 * tokens * self.rank * compute_size + copies
+
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, σ=silu"
                 + (", recompute" if self.recompute else ""))

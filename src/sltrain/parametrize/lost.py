@@ -120,6 +120,13 @@ class LOSTLinear(FactoredLinear):
         low = self.rank * (self.in_features + self.out_features)
         return 2.0 * (low + self.out_features * self.C.shape[1])
 
+    def saved_bytes(self, tokens: int, compute_size: int, autocast: bool) -> int:
+        """x A^T (rank values a token) and x[..., channels] (k), which the matmuls after them
+        keep; under autocast the bf16 copies of A, B and C."""
+        k = self.C.shape[1]
+        copies = 2 * (self.rank * (self.in_features + self.out_features) + self.out_features * k)
+        return tokens * (self.rank + k) * compute_size + (copies if autocast else 0)
+
     def index_buffers(self) -> list[torch.Tensor]:
         return [self.channels]
 

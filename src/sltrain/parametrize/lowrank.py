@@ -65,6 +65,12 @@ class LowRankLinear(FactoredLinear):
     def flops_per_token(self, tokens_per_batch: int) -> float:
         return 2.0 * self.rank * (self.in_features + self.out_features)  # (x A^T) B^T
 
+    def saved_bytes(self, tokens: int, compute_size: int, autocast: bool) -> int:
+        """x A^T (rank values a token), which the second matmul keeps; under autocast the bf16
+        copies of A and B."""
+        copies = 2 * self.rank * (self.in_features + self.out_features) if autocast else 0
+        return tokens * self.rank * compute_size + copies
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
 

@@ -119,6 +119,13 @@ class ReLoRALinear(FactoredLinear):
             if not p.requires_grad:
                 p.grad = None
 
+    def saved_bytes(self, tokens: int, compute_size: int, autocast: bool) -> int:
+        """x A^T (rank values a token); under autocast the bf16 copies of W, A and B (x W^T keeps
+        W for the input's gradient and no x: W is frozen)."""
+        copies = 2 * (self.in_features * self.out_features
+                      + self.rank * (self.in_features + self.out_features))
+        return tokens * self.rank * compute_size + (copies if autocast else 0)
+
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
                 f"alpha={self.lora_alpha}")

@@ -244,6 +244,13 @@ class SparseLowRankLinear(FactoredLinear):
         n, r = self.in_features * self.out_features, self.rank
         return 4.0 * n + 6.0 * n * r / tokens_per_batch
 
+    def backward_transient_bytes(self, tokens: int, compute_size: int, autocast: bool) -> int:
+        """The dense (out, in) matrix of the backward in the compute dtype: W for grad_x, freed
+        before G = dY^T X (`_SparseLowRankMatmul`); under autocast W is composed from float32
+        blocks of `_BLOCK` entries."""
+        numel = self.in_features * self.out_features
+        return numel * compute_size + (4 * min(numel, _BLOCK) if autocast else 0)
+
     def prunable_tensors(self) -> list[tuple[str, nn.Parameter]]:
         return [("values", self.values)]
 

@@ -156,6 +156,11 @@ class SparseLinear(FactoredLinear):
     def sparse_counts(self) -> dict[str, int]:
         return {"sparse": self.values.numel(), "sparse_indices": self.support.numel()}
 
+    def backward_transient_bytes(self, tokens: int, compute_size: int, autocast: bool) -> int:
+        """The dense (out, in) matrix of the backward in the compute dtype: W for grad_x, freed
+        before G = dY^T X (`_SparseMatmul`)."""
+        return self.in_features * self.out_features * compute_size
+
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, density={self.density}, "
                 f"mask={self.mask}, nnz={self.values.numel()}")
