@@ -32,6 +32,12 @@ class AdamW(torch.optim.AdamW):
     def shared_state_bytes(self) -> int:
         return 0
 
+    def can_skip_on_device(self, p: torch.Tensor) -> bool:
+        """Whether a step of `p` honours `self.found_inf` (a 0-d float tensor, 1 = skip) on the
+        device, weights, moments and step count left exactly: torch's fused kernel does, as
+        GradScaler uses it; the foreach kernel and the bf16 step here do not."""
+        return bool(self.param_groups[0].get("fused")) and p.dtype not in LOW_PRECISION
+
     @torch.no_grad()
     def step(self, closure=None):
         low = [p for g in self.param_groups for p in g["params"] if p.dtype in LOW_PRECISION]

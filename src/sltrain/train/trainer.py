@@ -292,9 +292,12 @@ class Trainer:
         self.world.barrier()
         return path
 
-    def forward_backward_step(self, x: torch.Tensor, y: torch.Tensor, sync: bool = True) -> float:
-        """One micro-batch: forward, loss, backward of loss / grad_accum; returns the loss.
-        `sync=False` defers DDP's gradient reduction to the last micro-batch."""
+    def forward_backward_step(self, x: torch.Tensor, y: torch.Tensor, sync: bool = True,
+                              check: bool = False) -> torch.Tensor | None:
+        """One micro-batch: forward, loss, backward of loss / grad_accum; returns the loss
+        (detached, on the device: reading it is a host sync, which the step does once).
+        `sync=False` defers DDP's gradient reduction to the last micro-batch. With `check` the
+        loss is read before its backward, and a non-finite one skips it (None is returned)."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         head = plain_head(self.raw_model) if self.loss_fn.chunked else None
         with distributed.no_sync(self.model, last=sync):
@@ -306,40 +309,57 @@ class Trainer:
                 with self.autocast:
                     hidden = self.model(x, return_hidden=True)
                     loss = self.loss_fn.from_hidden(hidden, head.weight, y)
-            value = loss.item()
-            # A non-finite loss skips its backward: per-layer hooks would step during it. Every
-            # process runs it under DDP, whose backward is a collective.
-            if math.isfinite(value) or self.world.active:
-                backward = getattr(self.optimizer, "backward", torch.Tensor.backward)  # per-layer's
-                backward(loss / self.cfg.train.grad_accum)
-        return value
+            if check and not math.isfinite(loss.item()):
+                return None
+            backward = getattr(self.optimizer, "backward", torch.Tensor.backward)  # per-layer's
+            backward(loss / self.cfg.train.grad_accum)
+        return loss.detach()
+
+    def _micro_batches(self) -> torch.Tensor:
+        """Forward and backward of the step's `grad_accum` micro-batches; returns their summed
+        loss (float64, on the device; non-finite if any loss was).
+
+        Each loss is read before its backward only under per-layer updates (never data-parallel):
+        without accumulation their hooks step during that backward, with it the check spares the
+        rest of a lost step. Otherwise a non-finite loss's backward runs (NaN gradients, dropped
+        with the step) and the step reads the sum once: no host sync per micro-batch."""
+        tc = self.cfg.train
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        micro_batch = getattr(self.optimizer, "micro_batch", None)  # per-layer: is it the last?
+        check, lost = micro_batch is not None and not self.world.active, False
+        for micro in range(tc.grad_accum):
+            x, y = self.sampler.next_batch(self.world.rank, self.world.size)
+            if lost:
+                continue  # the step is lost: draw its batches (the same data after), skip the work
+            last = micro == tc.grad_accum - 1
+            if micro_batch:
+                micro_batch(last)
+            loss = self.forward_backward_step(x, y, sync=last, check=check)
+            lost = loss is None
+            total += float("nan") if lost else loss.double()
+        return total
 
     def train_step(self) -> dict[str, Any] | None:
         """One update step; returns its record, or None when a non-finite loss skipped it."""
         cfg, tc, c = self.cfg, self.cfg.train, self.state.counters
         t0 = time.perf_counter()
         self.loss_fn.step = c.step  # sample reweighting's warm-up counts update steps
-        loss_sum = 0.0
-        micro_batch = getattr(self.optimizer, "micro_batch", None)  # per-layer: is it the last?
-        for micro in range(tc.grad_accum):
-            x, y = self.sampler.next_batch(self.world.rank, self.world.size)
-            if not math.isfinite(loss_sum) and not self.world.active:
-                continue  # the step is lost: draw its batches (the same data after), skip the work
-            if micro_batch:
-                micro_batch(micro == tc.grad_accum - 1)
-            loss_sum += self.forward_backward_step(x, y, sync=micro == tc.grad_accum - 1)
+        total = self._micro_batches()
+        # Which parameters train can change during a run (ReLoRA's warm start): ask each step.
+        trainable = [p for p in self.raw_model.parameters() if p.requires_grad]
+        self.pruner.before_step()
+        # Per-layer hooks that step during backward have clipped on their own. Clipping before
+        # the finite check touches only gradients, which a skipped step drops.
+        in_hooks = getattr(self.optimizer, "steps_in_hooks", False)
+        clip = 0.0 if in_hooks else cfg.optimizer.grad_clip
+        norm = _full(torch.nn.utils.clip_grad_norm_(trainable, clip)) if clip else None
+        # The step's one host sync: whether it updates, and what it logs.
+        loss_sum, grad_norm = _read(total, norm)
         loss_sum = self.world.mean(loss_sum)
         if not math.isfinite(loss_sum):
             self._skip(loss_sum)
             return None
         self.in_a_row = 0
-        # Which parameters train can change during a run (ReLoRA's warm start): ask each step.
-        trainable = [p for p in self.raw_model.parameters() if p.requires_grad]
-        self.pruner.before_step()
-        # Per-layer hooks that step during backward have clipped on their own.
-        in_hooks = getattr(self.optimizer, "steps_in_hooks", False)
-        clip = 0.0 if in_hooks else cfg.optimizer.grad_clip
-        grad_norm = _total_norm(torch.nn.utils.clip_grad_norm_(trainable, clip)) if clip else None
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         grad_norm = getattr(self.optimizer, "grad_norm", None) if grad_norm is None else grad_norm
@@ -462,7 +482,15 @@ def _derived(cfg: RunConfig) -> dict[str, Any]:
             "warmup_steps": cfg.warmup_steps, "tokens_per_step": cfg.tokens_per_step}
 
 
-def _total_norm(norm: torch.Tensor) -> float:
-    """The gradient norm clip_grad_norm_ returns, as a number (a DTensor under FSDP)."""
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    """The gradient norm clip_grad_norm_ returns, as a plain tensor (a DTensor under FSDP)."""
     full = getattr(norm, "full_tensor", None)
-    return (full() if full else norm).item()
+    return full() if full else norm
+
+
+def _read(total: torch.Tensor, norm: torch.Tensor | None) -> tuple[float, float | None]:
+    """(summed loss, gradient norm) as numbers, in one host sync."""
+    if norm is None:
+        return total.item(), None
+    loss_sum, grad_norm = torch.stack([total, norm.to(total)]).tolist()
+    return loss_sum, grad_norm
