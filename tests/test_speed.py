@@ -2,6 +2,7 @@
 non-finite gradients, TF32/fused kernels guarded by device, FLOP/s and MFU in the records."""
 
 import contextlib
+import copy
 import sys
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import torch
 
 import sltrain
 from sltrain.config import load_config
-from sltrain.optim.adamw import AdamW
+from sltrain.device import enable_tf32
+from sltrain.optim.adamw import AdamW, kernel
 from sltrain.optim.per_layer import PerLayerOptimizer
 from sltrain.train.trainer import Trainer
 
@@ -103,3 +105,46 @@ def test_fused_adamw_skips_a_nonfinite_gradient_on_the_device(mode):
         assert torch.equal(v, b_state[k]), k
     assert wrapper.skipped_nonfinite == 1 and not hasattr(b_sub, "found_inf")
     assert float(a_sub.state[model["a"].weight]["step"]) == 2.0
+
+
+def test_tf32_and_the_fused_kernel_stay_off_the_cpu(tiny, tmp_path):
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    t = trainer({**tiny, "train.precision": "fp32", "train.device": "cpu"}, tmp_path / "r")
+    assert not t.tf32 and before == (torch.backends.cuda.matmul.allow_tf32,
+                                     torch.backends.cudnn.allow_tf32)
+    assert not enable_tf32(torch.device("cpu"), "bf16-mixed")
+    group = t.optimizer.param_groups[0]
+    assert group["foreach"] and not group["fused"]  # CPU keeps the foreach kernel
+    assert kernel([torch.empty(1, device="meta")]) == {"foreach": True}
+
+
+@pytest.mark.parametrize("saved,resumed", [({"fused": True}, {"foreach": True}),
+                                           ({"foreach": True}, {"fused": True})])
+def test_adamw_resumes_across_kernels(saved, resumed):
+    """A GPU run's optimizer (fused) resumes on CPU (foreach) and the other way round: each
+    keeps its own kernel and steps on from the saved moments (fused runs on CPU too)."""
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Linear(4, 3)
+
+    def step(m, opt):
+        m(torch.ones(2, 4)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    a = model()
+    opt_a = AdamW(a.parameters(), lr=0.1, **saved)
+    for _ in range(2):
+        step(a, opt_a)
+    b = model()
+    b.load_state_dict(a.state_dict())
+    opt_b = AdamW(b.parameters(), lr=0.1, **resumed)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    group = opt_b.param_groups[0]
+    assert bool(group.get("fused")) == ("fused" in resumed)
+    assert bool(group.get("foreach")) == ("foreach" in resumed)
+    step(a, opt_a)
+    step(b, opt_b)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+        assert float(opt_b.state[q]["step"]) == 3.0

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from sltrain.config import RunConfig
 from sltrain.data import Blocks, BlockSampler, prepare, prepare_options
-from sltrain.device import autocast_for, cast_weights_, resolve_device
+from sltrain.device import autocast_for, cast_weights_, enable_tf32, resolve_device
 from sltrain.errors import UserError
 from sltrain.measure import PeakMemory, count_parameters, estimate_memory, measure_memory
 from sltrain.measure.health import health_record
@@ -175,6 +175,7 @@ class Trainer:
         self.cfg = cfg
         self.world, self.device = distributed.init(cfg, resolve_device(cfg.train.device))
         self.autocast = autocast_for(cfg, self.device)
+        self.tf32 = enable_tf32(self.device, cfg.train.precision)
         ckpt = find_checkpoint(resume) if resume else None
         if run_dir is None:
             run_dir = ckpt.parent.parent if ckpt else self.world.broadcast(
