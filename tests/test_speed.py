@@ -3,6 +3,7 @@ non-finite gradients, TF32/fused kernels guarded by device, FLOP/s and MFU in th
 
 import contextlib
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -10,8 +11,11 @@ import pytest
 import torch
 
 import sltrain
+from sltrain.cli import main
 from sltrain.config import load_config
 from sltrain.device import enable_tf32
+from sltrain.measure.flops import model_flops, peak_for
+from sltrain.model import build_model
 from sltrain.optim.adamw import AdamW, kernel
 from sltrain.optim.per_layer import PerLayerOptimizer
 from sltrain.train.trainer import Trainer
@@ -148,3 +152,41 @@ def test_adamw_resumes_across_kernels(saved, resumed):
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
         assert float(opt_b.state[q]["step"]) == 3.0
+
+
+def test_records_and_summary_report_model_flops_per_second(tiny, tmp_path, capsys):
+    run = tmp_path / "r"
+    flags = {**tiny, "method.name": "sltrain", "train.steps": 2, "train.eval_every": 0,
+             "train.out_dir": str(run)}
+    assert main(["train", *[a for k, v in flags.items() for a in (f"--{k}", str(v))]]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    cfg = load_config(None, flags)
+    per_token = model_flops(build_model(cfg, device="meta"), 32, 8)["train"]
+    # The factored layers count as they compute: SLTrain's composition of W is in it.
+    assert summary["flops_per_token"] == per_token > model_flops(
+        build_model(load_config(None, {**flags, "method.name": "full"}), device="meta"), 32, 8)["train"]
+    assert summary["flops_per_s"] == pytest.approx(per_token * summary["tok_per_s"])
+    assert summary["mfu"] is None and summary["mfu_note"] == "no MFU on cpu: FLOP/s only"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["flops_per_s"] == pytest.approx(per_token * r["tok_per_s"]) and "mfu" not in r
+               for r in records)
+    out = capsys.readouterr().out
+    assert "FLOP/s" in out and "no MFU on cpu" in out, out
+
+
+@pytest.mark.parametrize("name,precision,tf32,peak", [
+    ("NVIDIA H100 80GB HBM3", "bf16-mixed", True, 989e12),
+    ("NVIDIA H100 PCIe", "bf16", True, 756e12),
+    ("NVIDIA H200", "fp32", True, 495e12),
+    ("NVIDIA A100-SXM4-80GB", "fp32", True, 156e12),
+    ("NVIDIA A10", "bf16-mixed", True, 125e12),
+    ("NVIDIA L40S", "bf16-mixed", True, 362e12),
+    ("NVIDIA L4", "bf16-mixed", True, 121e12),
+    ("NVIDIA GeForce RTX 4090", "bf16-mixed", True, 165e12),
+    ("NVIDIA A100-SXM4-80GB", "fp32", False, None),
+    ("Tesla T4", "bf16-mixed", True, None),
+])
+def test_the_peak_table_matches_device_names(name, precision, tf32, peak):
+    got, note = peak_for(name, precision, tf32)
+    assert got == peak
+    assert name in note and (peak is not None or note.startswith("no MFU"))

@@ -21,9 +21,16 @@ from tqdm import tqdm
 
 from sltrain.config import RunConfig
 from sltrain.data import Blocks, BlockSampler, prepare, prepare_options
-from sltrain.device import autocast_for, cast_weights_, enable_tf32, resolve_device
+from sltrain.device import (
+    autocast_for,
+    cast_weights_,
+    enable_tf32,
+    resolve_device,
+    resolve_precision,
+)
 from sltrain.errors import UserError
 from sltrain.measure import PeakMemory, count_parameters, estimate_memory, measure_memory
+from sltrain.measure.flops import device_peak, model_flops
 from sltrain.measure.health import health_record
 from sltrain.measure.loss import evaluate, plain_head
 from sltrain.model import build_model
@@ -193,6 +200,7 @@ class Trainer:
         if ckpt:
             self.load_checkpoint(ckpt)
         self.params = count_parameters(self.raw_model)  # trainable as of the (resumed) step
+        self._measure_compute()
         self.loggers = (MetricLoggers(run_dir, cfg, self.state.counters.step if ckpt else None)
                         if self.world.main else None)
         if ckpt and self.world.main:  # a resume that fails on a damaged checkpoint or log keeps it
@@ -201,6 +209,23 @@ class Trainer:
         self.eval_step = -1
         self.step_time, self.step_tokens = 0.0, 0  # this invocation's update steps only
         self.in_a_row = 0  # non-finite losses since the last good step
+
+    def _measure_compute(self) -> None:
+        """The model FLOPs of a trained token (each rank's micro-batches of batch_size / world
+        sequences) and the device's peak, for the FLOP/s and MFU of the records and summary."""
+        cfg, world = self.cfg, self.world
+        sequences = max(1, cfg.train.batch_size // world.size)
+        self.flops_per_token = model_flops(self.raw_model, cfg.data.seq_len, sequences)["train"]
+        precision = resolve_precision(cfg.train.precision, self.device)
+        self.peak_flops, self.peak_note = device_peak(self.device, precision, self.tf32)
+
+    def compute_rate(self, tok_per_s: float) -> dict[str, float]:
+        """flops_per_s (model FLOPs, the whole job) at `tok_per_s`, and mfu (of the peak of all
+        the job's devices) where the device's peak is known."""
+        rate = {"flops_per_s": self.flops_per_token * tok_per_s}
+        if self.peak_flops:
+            rate["mfu"] = rate["flops_per_s"] / (self.peak_flops * self.world.size)
+        return rate
 
     def _build_data(self, ckpt: Path | None, init_from: Path | None) -> None:
         cfg, world, tc = self.cfg, self.world, self.cfg.train
@@ -374,7 +399,7 @@ class Trainer:
         record = {"step": c.step, "loss": loss_sum / tc.grad_accum,
                   **self.loss_fn.step_metrics(self.world.mean), "lr": lr, "grad_norm": grad_norm,
                   "tokens": c.tokens_seen, "tok_per_s": cfg.tokens_per_step / dt,
-                  "elapsed_s": c.elapsed_s, **events}
+                  **self.compute_rate(cfg.tokens_per_step / dt), "elapsed_s": c.elapsed_s, **events}
         if c.skipped_nonfinite:
             record["skipped_nonfinite"] = c.skipped_nonfinite
         return record
@@ -454,6 +479,7 @@ class Trainer:
         if hasattr(self.model, "reshard"):  # FSDP2 leaves the root's weights gathered after a forward
             self.model.reshard()
         raw = self.raw_model
+        tok_per_s = self.step_tokens / self.step_time if self.step_time > 0 else 0.0
         summary = {
             "run_dir": str(self.run_dir), "checkpoint": str(final_ckpt),
             "status": f"interrupted by {interrupted}" if interrupted else "finished",
@@ -466,7 +492,8 @@ class Trainer:
             "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
             "tokens_seen": c.tokens_seen, "skipped_nonfinite": c.skipped_nonfinite,
             "train_time_s": elapsed,
-            "tok_per_s": self.step_tokens / self.step_time if self.step_time > 0 else 0.0,
+            "tok_per_s": tok_per_s, "flops_per_token": self.flops_per_token,
+            "mfu": None, **self.compute_rate(tok_per_s), "mfu_note": self.peak_note,
             "wall_time_s": time.perf_counter() - self.wall_start, "device": str(self.device),
             "world_size": self.world.size,
             "parallel": self.world.parallel if self.world.active else "none",
