@@ -49,6 +49,7 @@ from sltrain.run.folder import (
 )
 from sltrain.train import distributed
 from sltrain.train.checkpointing import apply_activation_checkpointing
+from sltrain.train.compile import compile_blocks
 from sltrain.train.loggers import MetricLoggers
 from sltrain.train.losses import build_loss
 from sltrain.train.prune import Pruner
@@ -256,6 +257,8 @@ class Trainer:
             init_weights_from(self.raw_model, init_from)
         include_warm_start_params(self.raw_model, cfg)
         apply_activation_checkpointing(self.raw_model, tc.activation_checkpointing)
+        if tc.compile:  # after checkpointing's flags, before FSDP shards the blocks (torchtitan's order)
+            compile_blocks(self.raw_model)
         self.model = distributed.wrap(self.raw_model, self.world, self.device)
         self.optimizer = build_optimizer(self.raw_model, cfg.optimizer, cfg.rank, tc.grad_accum)
         self.loss_fn = build_loss(cfg, self.world)  # the objective; evaluation reports cross-entropy
