@@ -71,10 +71,21 @@ def _print_summary(s: dict[str, Any]) -> None:
                            f"{_fmt_bytes(mem['sparse_indices'])})"),
         ("peak memory", f"{_fmt_bytes(s['peak_memory_bytes'])} ({s['peak_memory_kind']})"),
         ("tokens seen", f"{s['tokens_seen']:,} ({s['tok_per_s']:.0f} tokens/s)"),
+        ("compute", _compute_line(s)),
         ("wall time", f"{s['wall_time_s']:.1f} s"),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def _compute_line(s: dict[str, Any]) -> str:
+    """Achieved model FLOP/s, with the MFU where the device's peak is known (why not, if not)."""
+    from sltrain.measure.flops import format_flops, format_rate
+
+    line = f"{format_rate(s['flops_per_s'])} ({format_flops(s['flops_per_token'])} a token)"
+    if s.get("mfu") is not None:
+        return f"{line}, MFU {100 * s['mfu']:.1f}% of the {s['mfu_note']}"
+    return f"{line}; {s['mfu_note']}"
 
 
 def cmd_memory(args: argparse.Namespace) -> int:

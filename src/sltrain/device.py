@@ -51,6 +51,18 @@ def cast_weights_(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.
     return model
 
 
+def enable_tf32(device: torch.device, precision: str) -> bool:
+    """Let float32 matmuls and convolutions use TF32 tensor cores on CUDA under fp32 and
+    bf16-mixed (10-bit mantissa products, float32 accumulation: what torchtitan and nanoGPT run);
+    returns whether it did. Nothing changes on other devices, nor under bf16, whose matmuls are
+    bf16 already. A process-wide switch: it stays on for the rest of the process."""
+    if device.type != "cuda" or resolve_precision(precision, device) == "bf16":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
 def autocast_for(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast under bf16-mixed; none under fp32, nor under bf16, whose weights already
     are bf16."""

@@ -10,10 +10,14 @@ masking not subtracted, as PaLM counts). A backward costs twice a forward (the g
 input and of each weight are one matmul each) unless a layer says otherwise (frozen weights,
 recomputation). Element-wise work (norms, softmax, RoPE, the SwiGLU gate, residual adds) is the
 same for every method and not counted; CoLA counts its σ (the method's own, sltrain.parametrize.cola).
+
+Model FLOPs utilisation (MFU, PaLM's appendix B) divides the achieved rate of these FLOPs by the
+device's dense peak; activation checkpointing's recomputation is not model FLOPs and is not counted.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from sltrain.parametrize.base import FactoredLinear
@@ -22,6 +26,14 @@ from sltrain.parametrize.base import FactoredLinear
 def format_flops(n: float) -> str:
     """12.3 MFLOP, 2.46 GFLOP."""
     return f"{n / 1e9:.2f} GFLOP" if n >= 1e9 else f"{n / 1e6:.1f} MFLOP"
+
+
+def format_rate(n: float) -> str:
+    """12.3 GFLOP/s, 412 TFLOP/s."""
+    for scale, unit in ((1e12, "TFLOP/s"), (1e9, "GFLOP/s")):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n / 1e6:.3g} MFLOP/s"
 
 
 def linear_flops(m: nn.Module, tokens_per_batch: int) -> tuple[float, float]:
@@ -46,3 +58,42 @@ def model_flops(model: nn.Module, seq_len: int, batch_size: int) -> dict[str, fl
     attention = 4.0 * seq_len * cfg.n_heads * cfg.head_dim * cfg.n_layers
     return {"forward": forward + attention, "backward": backward + 2 * attention,
             "train": forward + backward + 3 * attention, "linears": forward, "attention": attention}
+
+
+# Dense peak tensor-core FLOP/s of one GPU from NVIDIA's datasheets (half the "with sparsity"
+# figures): (bf16, tf32). Matched in order against torch.cuda.get_device_name, the first name that
+# occurs in it winning: "H100 PCIe" before "H100" (SXM), "A100" before "A10", "L40S" before "L4".
+PEAK_FLOPS: tuple[tuple[str, float, float], ...] = (
+    ("H200 NVL", 835e12, 418e12),
+    ("H200", 989e12, 495e12),
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100 NVL", 835e12, 418e12),
+    ("H100", 989e12, 495e12),
+    ("A100", 312e12, 156e12),
+    ("L40S", 362e12, 183e12),
+    ("L4", 121e12, 60e12),
+    ("RTX 4090", 165e12, 82.6e12),
+    ("RTX 3090", 71e12, 35.6e12),
+    ("A10", 125e12, 62.5e12),
+)
+
+
+def peak_for(name: str, precision: str, tf32: bool) -> tuple[float | None, str]:
+    """(dense peak FLOP/s, what it is) of the GPU called `name` for the matmuls of `precision`
+    (fp32, bf16-mixed or bf16; fp32 counts TF32's peak when `tf32` is on); (None, why not) for
+    a GPU the table lacks or float32 matmuls without TF32."""
+    for key, bf16, tf32_peak in PEAK_FLOPS:
+        if key in name:
+            if precision != "fp32":
+                return bf16, f"{name} bf16 dense peak {format_rate(bf16)}"
+            if tf32:
+                return tf32_peak, f"{name} tf32 dense peak {format_rate(tf32_peak)}"
+            return None, f"no MFU: {name} runs fp32 without TF32, which has no tensor-core peak"
+    return None, f"no MFU: no peak FLOP/s known for {name} (sltrain.measure.flops.PEAK_FLOPS)"
+
+
+def device_peak(device: torch.device, precision: str, tf32: bool) -> tuple[float | None, str]:
+    """`peak_for` the GPU `device` is; no MFU on a CPU (its peak depends on cores and clocks)."""
+    if device.type != "cuda":
+        return None, f"no MFU on {device.type}: FLOP/s only"
+    return peak_for(torch.cuda.get_device_name(device), precision, tf32)

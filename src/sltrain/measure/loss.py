@@ -62,7 +62,7 @@ def evaluate(
     mine = list(range(world.rank, n, world.size))  # all n blocks, in order, in one process
     padded = mine + [0] * (-(-n // world.size) - len(mine))
     per_rank = max(1, batch_size // world.size)
-    total_loss, total_tokens = 0.0, 0
+    total_loss, total_tokens = torch.zeros((), dtype=torch.float64, device=device), 0
     for start in range(0, len(padded), per_rank):
         idx = padded[start : start + per_rank]
         counted = min(len(idx), max(0, len(mine) - start))
@@ -70,8 +70,9 @@ def evaluate(
         x, y = x.to(device), y.to(device)
         # A padded batch counts only this rank's own blocks.
         rows = token_losses(model, x, y, autocast, chunk_tokens).view(len(idx), -1)
-        total_loss += rows[:counted].sum().item()
+        total_loss += rows[:counted].sum().double()  # read once, after the loop
         total_tokens += counted * y.shape[1]
+    total_loss = total_loss.item()
     if world.active:
         total_loss, tokens = world.sum([total_loss, float(total_tokens)])
         total_tokens = int(tokens)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -40,6 +41,25 @@ class AdamW(torch.optim.AdamW):
             return max(sum(p.numel() for p in g["params"]) * element_size for g in self.param_groups)
         largest = max(p.numel() for g in self.param_groups for p in g["params"])
         return 8 * 4 * min(largest, CHUNK)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, keeping this optimizer's own kernel: a checkpoint saved on a GPU (fused)
+        resumes on CPU (foreach) and the other way round, each step count moved where its step
+        reads it (the fused kernel: on the parameter's device; the others: on the host)."""
+        own = {k: self.param_groups[0].get(k) for k in ("fused", "foreach")}
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.update(own)
+        for p, state in self.state.items():
+            if isinstance(state.get("step"), torch.Tensor):
+                on_device = own["fused"] and p.dtype not in LOW_PRECISION
+                state["step"] = state["step"].to(p.device if on_device else "cpu", torch.float32)
+
+    def can_skip_on_device(self, p: torch.Tensor) -> bool:
+        """Whether a step of `p` honours `self.found_inf` (a 0-d float tensor, 1 = skip) on the
+        device, weights, moments and step count left exactly: torch's fused kernel does, as
+        GradScaler uses it; the foreach kernel and the bf16 step here do not."""
+        return bool(self.param_groups[0].get("fused")) and p.dtype not in LOW_PRECISION
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -79,11 +99,22 @@ class AdamW(torch.optim.AdamW):
                 round_into_(target, value)
 
 
+def kernel(params: list[torch.Tensor]) -> dict[str, bool]:
+    """torch's fused kernel (one launch for every parameter) when they all live on a GPU and this
+    torch has it; its foreach kernel elsewhere (on CPU, on meta for accounting)."""
+    on_gpu = bool(params) and all(p.device.type == "cuda" for p in params)
+    if on_gpu and "fused" in inspect.signature(torch.optim.AdamW).parameters:
+        return {"fused": True}
+    return {"foreach": True}
+
+
 def build(model: nn.Module, cfg: OptimizerConfig, rank: int) -> AdamW:
     from sltrain.optim import param_groups
 
-    return AdamW(param_groups(model, cfg, split_matrices=False), lr=cfg.lr,
-                 betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+    groups = param_groups(model, cfg, split_matrices=False)
+    return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                 **kernel([p for g in groups for p in g["params"]]))
 
 
-OPTIMIZERS.register("adamw", build, doc="AdamW (torch's foreach kernel); the default", elementwise=True)
+OPTIMIZERS.register("adamw", build, doc="AdamW (torch's fused kernel on CUDA, foreach elsewhere); "
+                    "the default", elementwise=True)

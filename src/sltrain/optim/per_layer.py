@@ -57,6 +57,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         self.grad_norm: float | None = None  # of the last step
         self.previous_norm: float | None = None  # what previous_norm clipping divides by
         self.skipped_nonfinite = 0
+        self._found_inf: list[torch.Tensor] = []  # this step's device-side skips (fused AdamW)
         groups = []
         for group in optimizer.param_groups:
             settings = {k: v for k, v in group.items() if k != "params"}
@@ -109,10 +110,13 @@ class PerLayerOptimizer(torch.optim.Optimizer):
             return
         if self.clip and self.clip_mode == "exact":
             p.grad.mul_(self._exact_scale.to(p.grad.device))
-        else:
-            sq = self._step_sq[i] = p.grad.detach().float().square().sum()
-            if self.clip and self.clip_mode in ("previous_norm", "running_norm"):
-                p.grad.mul_(self._clip_scale(i, sq).to(p.grad.dtype))
+            # The first pass's global norm was finite, so is every gradient of this pass (the
+            # same graph): no check per parameter.
+            self._step_param(p, finite=True)
+            return
+        sq = self._step_sq[i] = p.grad.detach().float().square().sum()
+        if self.clip and self.clip_mode in ("previous_norm", "running_norm"):
+            p.grad.mul_(self._clip_scale(i, sq).to(p.grad.dtype))
         self._step_param(p, clip_update=bool(self.clip) and self.clip_mode == "update_rms")
 
     def _clip_scale(self, i: int, sq: torch.Tensor) -> torch.Tensor:
@@ -126,10 +130,22 @@ class PerLayerOptimizer(torch.optim.Optimizer):
                 scale = scale.clamp(max=self.clip / (self.previous_norm + 1e-6))
         return torch.minimum(scale, self.clip / (sq.sqrt() + 1e-6))
 
-    def _step_param(self, p: torch.Tensor, clip_update: bool = False) -> None:
-        """Step `p` alone and free its gradient; a non-finite gradient leaves it and its state."""
+    def _step_param(self, p: torch.Tensor, clip_update: bool = False,
+                    finite: bool | None = None) -> None:
+        """Step `p` alone and free its gradient; a non-finite gradient leaves it and its state.
+        `finite` says whether the gradient is, when the caller knows; otherwise an optimizer that
+        can skip on the device (fused AdamW's found_inf) is told, and only another is asked
+        on the host (a sync per parameter, where no device-side skip exists)."""
         sub = self._by_param[id(p)]
-        if not torch.isfinite(p.grad).all():
+        if finite is None:
+            can_skip = getattr(sub, "can_skip_on_device", None)
+            if can_skip is not None and can_skip(p):
+                sub.found_inf = (~torch.isfinite(p.grad).all()).float()
+                self._found_inf.append(sub.found_inf)
+                finite = True  # the device decides
+            else:
+                finite = bool(torch.isfinite(p.grad).all())
+        if not finite:
             self.skipped_nonfinite += 1
         elif clip_update:
             before = p.detach().clone()
@@ -140,22 +156,30 @@ class PerLayerOptimizer(torch.optim.Optimizer):
             p.copy_(before.add_(update.mul_(torch.clamp(self.clip / (rms + 1e-12), max=1.0))))
         else:
             sub.step()
+        if hasattr(sub, "found_inf"):
+            del sub.found_inf
         p.grad = None
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         """End the update: step every parameter with a gradient (unless the hooks did), and
-        record the step's global gradient norm."""
+        record the step's global gradient norm. One host sync: the norms, the gradients'
+        finiteness and the device-side skips are read together."""
         loss = closure() if closure is not None else None
+        live = []
         if not self.steps_in_hooks:
-            for i, group in enumerate(self.param_groups):
-                p = group["params"][0]
-                if p.grad is not None:
-                    self._step_sq[i] = p.grad.detach().float().square().sum()
-                    self._step_param(p)
+            live = [(i, g["params"][0]) for i, g in enumerate(self.param_groups)
+                    if g["params"][0].grad is not None]
+            for i, p in live:
+                self._step_sq[i] = p.grad.detach().float().square().sum()
         keys = list(self._step_sq)
-        values = torch.stack([self._step_sq[i] for i in keys]).tolist() if keys else []
-        self.grad_norm, self._step_sq = math.sqrt(sum(values)), {}
+        flags = [torch.isfinite(p.grad).all().float() for _, p in live] + self._found_inf
+        read = torch.stack([*(self._step_sq[i] for i in keys), *flags]).tolist() if keys or flags else []
+        values, flags = read[:len(keys)], read[len(keys):]
+        for (_, p), ok in zip(live, flags[:len(live)], strict=True):
+            self._step_param(p, finite=bool(ok))
+        self.skipped_nonfinite += int(sum(flags[len(live):]))
+        self.grad_norm, self._step_sq, self._found_inf = math.sqrt(sum(values)), {}, []
         if math.isfinite(self.grad_norm):  # a non-finite gradient was not stepped: forget it
             self.previous_norm, self._previous_sq = self.grad_norm, dict(zip(keys, values, strict=True))
         self._estimate = sum(self._previous_sq.values())

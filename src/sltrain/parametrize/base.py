@@ -6,14 +6,27 @@ capabilities (refactor, cycles, pruning, index counts, spectra) default to "none
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from sltrain.registry import Options
+
+
+def autocast_off(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """For the backward of a layer's autograd.Function: run it with autocast off. Eager backward
+    runs so already (the loop calls it outside the autocast region); a compiled block's backward
+    is traced under the autocast of the block's caller, which would cast its matmuls to bf16."""
+    @functools.wraps(backward)
+    def run(ctx: Any, grad_out: torch.Tensor) -> Any:
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return backward(ctx, grad_out)
+    return run
 
 
 # Options the parameterisations share, declared once (an option several entries declare must be

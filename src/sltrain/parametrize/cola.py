@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sltrain.errors import UserError
-from sltrain.parametrize.base import FactoredLinear, RankOptions
+from sltrain.parametrize.base import FactoredLinear, RankOptions, autocast_off
 from sltrain.registry import METHODS
 
 # FLOPs per element of SiLU: forward h s with s = 1 / (1 + exp(-h)) is exp, add, divide and
@@ -64,6 +64,7 @@ class _RecomputedBottleneck(torch.autograd.Function):
         return F.linear(F.silu(F.linear(x, A.to(dtype))), B.to(dtype))
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):  # type: ignore[override]
         x, A, B = ctx.saved_tensors
         a, b = A.to(grad_out.dtype), B.to(grad_out.dtype)

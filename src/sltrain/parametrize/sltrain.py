@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from sltrain.parametrize.base import DensityOptions, FactoredLinear, ScaledRankOptions
+from sltrain.parametrize.base import DensityOptions, FactoredLinear, ScaledRankOptions, autocast_off
 from sltrain.registry import METHODS
 
 
@@ -100,6 +100,11 @@ def compose_weight_in(
     """
     if A.dtype == dtype:
         return compose_weight(A, B, values, support, scaling)
+    if torch.compiler.is_compiling():
+        # The blocks' bounds are read on the host, a graph break per layer under torch.compile;
+        # compiled, W is composed whole in the parameters' dtype and rounded once (the same
+        # values; a transient W in that dtype, one layer's, while its forward runs).
+        return compose_weight(A, B, values, support, scaling).to(dtype)
     out_features, in_features = B.shape[0], A.shape[1]
     weight = torch.empty(out_features, in_features, dtype=dtype, device=A.device)
     rows = max(1, _BLOCK // in_features)
@@ -132,6 +137,7 @@ class _SparseLowRankMatmul(torch.autograd.Function):
         return F.linear(x, weight)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):  # type: ignore[override]
         x, A, B, values, support = ctx.saved_tensors
         s, dtype = ctx.scaling, grad_out.dtype

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from sltrain.parametrize.base import DensityOptions, FactoredLinear
+from sltrain.parametrize.base import DensityOptions, FactoredLinear, autocast_off
 from sltrain.parametrize.sltrain import index_dtype, random_support
 from sltrain.registry import METHODS
 
@@ -53,6 +53,7 @@ class _SparseMatmul(torch.autograd.Function):
         return F.linear(x, weight)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):  # type: ignore[override]
         x, values, support = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])

@@ -248,7 +248,7 @@ class TrainingLoss:
         self.chunk_tokens = chunk_tokens
         self.step = 0
         self._fn = LOSSES[name].obj
-        self._ce: deque[float] = deque(maxlen=grad_accum)
+        self._ce: deque[torch.Tensor] = deque(maxlen=grad_accum)  # on the device: read per step
 
     @property
     def _logs_ce(self) -> bool:
@@ -264,7 +264,7 @@ class TrainingLoss:
         loss = self._objective(lambda r: self._fn(logits, targets, r, **self.options), reduction)
         if self._logs_ce:
             with torch.no_grad():
-                self._ce.append(cross_entropy(logits.detach(), targets).item())
+                self._ce.append(cross_entropy(logits.detach(), targets).detach())
         return loss
 
     def from_hidden(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -277,7 +277,7 @@ class TrainingLoss:
         loss = self._objective(lambda r: of(self._fn, r, **self.options), reduction)
         if self._logs_ce:
             with torch.no_grad():
-                self._ce.append(of(cross_entropy, "mean").item())
+                self._ce.append(of(cross_entropy, "mean").detach())
         return loss
 
     def _objective(self, loss_of: Callable[[str], torch.Tensor], reduction: str) -> torch.Tensor:
@@ -290,7 +290,10 @@ class TrainingLoss:
         """{"ce": mean cross-entropy of the step's micro-batches} ({} for unweighted
         cross-entropy itself) and the reweighting statistics; `mean` averages over ranks
         (World.mean)."""
-        out = {"ce": mean(sum(self._ce) / max(1, len(self._ce)))} if self._logs_ce else {}
+        out = {}
+        if self._logs_ce:
+            ce = torch.stack(list(self._ce)).double().sum().item() if self._ce else 0.0
+            out["ce"] = mean(ce / max(1, len(self._ce)))
         if self.reweighter is not None:
             out.update(self.reweighter.step_metrics())
         return out

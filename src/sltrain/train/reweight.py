@@ -77,7 +77,7 @@ class SampleReweighter:
         self.strategy, self.temperature, self.delta = strategy, temperature, delta
         self.warmup_steps = warmup_steps
         self.world = world or World()
-        self._stats: list[tuple[float, float]] = []
+        self._stats: list[torch.Tensor] = []  # (max_w, entropy) per micro-batch
         self._stats_step = -1  # a skipped (non-finite) step's statistics are dropped
 
     def weights(self, losses: torch.Tensor, step: int) -> torch.Tensor:
@@ -92,8 +92,10 @@ class SampleReweighter:
         local = per_sample.detach().float()
         w = self.weights(self.world.gather(local), step)
         n = w.numel()
-        entropy = -(w * torch.log(w.clamp_min(1e-30))).sum().item()
-        self._stats.append((w.max().item() * n, entropy / math.log(n) if n > 1 else 1.0))
+        max_w, entropy = torch.stack([w.max(), -(w * torch.log(w.clamp_min(1e-30))).sum()]).double()
+        # Kept on the device, read once per step (step_metrics): no host sync per micro-batch.
+        self._stats.append(torch.stack([max_w * n, entropy / math.log(n) if n > 1 else
+                                        torch.ones_like(entropy)]))
         start = self.world.rank * local.numel()
         mine = w[start : start + local.numel()].to(per_sample.dtype)
         return self.world.size * (mine * per_sample).sum()
@@ -104,6 +106,6 @@ class SampleReweighter:
         step's micro-batches (the same on every rank)."""
         if not self._stats:
             return {}
-        max_w, ent = (sum(v) / len(self._stats) for v in zip(*self._stats, strict=True))
+        max_w, ent = torch.stack(self._stats).mean(0).tolist()
         self._stats.clear()
         return {"reweight_max_w": max_w, "reweight_entropy": ent}

@@ -21,9 +21,16 @@ from tqdm import tqdm
 
 from sltrain.config import RunConfig
 from sltrain.data import Blocks, BlockSampler, prepare, prepare_options
-from sltrain.device import autocast_for, cast_weights_, resolve_device
+from sltrain.device import (
+    autocast_for,
+    cast_weights_,
+    enable_tf32,
+    resolve_device,
+    resolve_precision,
+)
 from sltrain.errors import UserError
 from sltrain.measure import PeakMemory, count_parameters, estimate_memory, measure_memory
+from sltrain.measure.flops import device_peak, model_flops
 from sltrain.measure.health import health_record
 from sltrain.measure.loss import evaluate, plain_head
 from sltrain.model import build_model
@@ -42,6 +49,7 @@ from sltrain.run.folder import (
 )
 from sltrain.train import distributed
 from sltrain.train.checkpointing import apply_activation_checkpointing
+from sltrain.train.compile import compile_blocks
 from sltrain.train.loggers import MetricLoggers
 from sltrain.train.losses import build_loss
 from sltrain.train.prune import Pruner
@@ -175,6 +183,7 @@ class Trainer:
         self.cfg = cfg
         self.world, self.device = distributed.init(cfg, resolve_device(cfg.train.device))
         self.autocast = autocast_for(cfg, self.device)
+        self.tf32 = enable_tf32(self.device, cfg.train.precision)
         ckpt = find_checkpoint(resume) if resume else None
         if run_dir is None:
             run_dir = ckpt.parent.parent if ckpt else self.world.broadcast(
@@ -192,6 +201,7 @@ class Trainer:
         if ckpt:
             self.load_checkpoint(ckpt)
         self.params = count_parameters(self.raw_model)  # trainable as of the (resumed) step
+        self._measure_compute()
         self.loggers = (MetricLoggers(run_dir, cfg, self.state.counters.step if ckpt else None)
                         if self.world.main else None)
         if ckpt and self.world.main:  # a resume that fails on a damaged checkpoint or log keeps it
@@ -200,6 +210,23 @@ class Trainer:
         self.eval_step = -1
         self.step_time, self.step_tokens = 0.0, 0  # this invocation's update steps only
         self.in_a_row = 0  # non-finite losses since the last good step
+
+    def _measure_compute(self) -> None:
+        """The model FLOPs of a trained token (each rank's micro-batches of batch_size / world
+        sequences) and the device's peak, for the FLOP/s and MFU of the records and summary."""
+        cfg, world = self.cfg, self.world
+        sequences = max(1, cfg.train.batch_size // world.size)
+        self.flops_per_token = model_flops(self.raw_model, cfg.data.seq_len, sequences)["train"]
+        precision = resolve_precision(cfg.train.precision, self.device)
+        self.peak_flops, self.peak_note = device_peak(self.device, precision, self.tf32)
+
+    def compute_rate(self, tok_per_s: float) -> dict[str, float]:
+        """flops_per_s (model FLOPs, the whole job) at `tok_per_s`, and mfu (of the peak of all
+        the job's devices) where the device's peak is known."""
+        rate = {"flops_per_s": self.flops_per_token * tok_per_s}
+        if self.peak_flops:
+            rate["mfu"] = rate["flops_per_s"] / (self.peak_flops * self.world.size)
+        return rate
 
     def _build_data(self, ckpt: Path | None, init_from: Path | None) -> None:
         cfg, world, tc = self.cfg, self.world, self.cfg.train
@@ -230,6 +257,8 @@ class Trainer:
             init_weights_from(self.raw_model, init_from)
         include_warm_start_params(self.raw_model, cfg)
         apply_activation_checkpointing(self.raw_model, tc.activation_checkpointing)
+        if tc.compile:  # after checkpointing's flags, before FSDP shards the blocks (torchtitan's order)
+            compile_blocks(self.raw_model)
         self.model = distributed.wrap(self.raw_model, self.world, self.device)
         self.optimizer = build_optimizer(self.raw_model, cfg.optimizer, cfg.rank, tc.grad_accum)
         self.loss_fn = build_loss(cfg, self.world)  # the objective; evaluation reports cross-entropy
@@ -292,9 +321,12 @@ class Trainer:
         self.world.barrier()
         return path
 
-    def forward_backward_step(self, x: torch.Tensor, y: torch.Tensor, sync: bool = True) -> float:
-        """One micro-batch: forward, loss, backward of loss / grad_accum; returns the loss.
-        `sync=False` defers DDP's gradient reduction to the last micro-batch."""
+    def forward_backward_step(self, x: torch.Tensor, y: torch.Tensor, sync: bool = True,
+                              check: bool = False) -> torch.Tensor | None:
+        """One micro-batch: forward, loss, backward of loss / grad_accum; returns the loss
+        (detached, on the device: reading it is a host sync, which the step does once).
+        `sync=False` defers DDP's gradient reduction to the last micro-batch. With `check` the
+        loss is read before its backward, and a non-finite one skips it (None is returned)."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         head = plain_head(self.raw_model) if self.loss_fn.chunked else None
         with distributed.no_sync(self.model, last=sync):
@@ -306,40 +338,57 @@ class Trainer:
                 with self.autocast:
                     hidden = self.model(x, return_hidden=True)
                     loss = self.loss_fn.from_hidden(hidden, head.weight, y)
-            value = loss.item()
-            # A non-finite loss skips its backward: per-layer hooks would step during it. Every
-            # process runs it under DDP, whose backward is a collective.
-            if math.isfinite(value) or self.world.active:
-                backward = getattr(self.optimizer, "backward", torch.Tensor.backward)  # per-layer's
-                backward(loss / self.cfg.train.grad_accum)
-        return value
+            if check and not math.isfinite(loss.item()):
+                return None
+            backward = getattr(self.optimizer, "backward", torch.Tensor.backward)  # per-layer's
+            backward(loss / self.cfg.train.grad_accum)
+        return loss.detach()
+
+    def _micro_batches(self) -> torch.Tensor:
+        """Forward and backward of the step's `grad_accum` micro-batches; returns their summed
+        loss (float64, on the device; non-finite if any loss was).
+
+        Each loss is read before its backward only under per-layer updates (never data-parallel):
+        without accumulation their hooks step during that backward, with it the check spares the
+        rest of a lost step. Otherwise a non-finite loss's backward runs (NaN gradients, dropped
+        with the step) and the step reads the sum once: no host sync per micro-batch."""
+        tc = self.cfg.train
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        micro_batch = getattr(self.optimizer, "micro_batch", None)  # per-layer: is it the last?
+        check, lost = micro_batch is not None and not self.world.active, False
+        for micro in range(tc.grad_accum):
+            x, y = self.sampler.next_batch(self.world.rank, self.world.size)
+            if lost:
+                continue  # the step is lost: draw its batches (the same data after), skip the work
+            last = micro == tc.grad_accum - 1
+            if micro_batch:
+                micro_batch(last)
+            loss = self.forward_backward_step(x, y, sync=last, check=check)
+            lost = loss is None
+            total += float("nan") if lost else loss.double()
+        return total
 
     def train_step(self) -> dict[str, Any] | None:
         """One update step; returns its record, or None when a non-finite loss skipped it."""
         cfg, tc, c = self.cfg, self.cfg.train, self.state.counters
         t0 = time.perf_counter()
         self.loss_fn.step = c.step  # sample reweighting's warm-up counts update steps
-        loss_sum = 0.0
-        micro_batch = getattr(self.optimizer, "micro_batch", None)  # per-layer: is it the last?
-        for micro in range(tc.grad_accum):
-            x, y = self.sampler.next_batch(self.world.rank, self.world.size)
-            if not math.isfinite(loss_sum) and not self.world.active:
-                continue  # the step is lost: draw its batches (the same data after), skip the work
-            if micro_batch:
-                micro_batch(micro == tc.grad_accum - 1)
-            loss_sum += self.forward_backward_step(x, y, sync=micro == tc.grad_accum - 1)
+        total = self._micro_batches()
+        # Which parameters train can change during a run (ReLoRA's warm start): ask each step.
+        trainable = [p for p in self.raw_model.parameters() if p.requires_grad]
+        self.pruner.before_step()
+        # Per-layer hooks that step during backward have clipped on their own. Clipping before
+        # the finite check touches only gradients, which a skipped step drops.
+        in_hooks = getattr(self.optimizer, "steps_in_hooks", False)
+        clip = 0.0 if in_hooks else cfg.optimizer.grad_clip
+        norm = _full(torch.nn.utils.clip_grad_norm_(trainable, clip)) if clip else None
+        # The step's one host sync: whether it updates, and what it logs.
+        loss_sum, grad_norm = _read(total, norm)
         loss_sum = self.world.mean(loss_sum)
         if not math.isfinite(loss_sum):
             self._skip(loss_sum)
             return None
         self.in_a_row = 0
-        # Which parameters train can change during a run (ReLoRA's warm start): ask each step.
-        trainable = [p for p in self.raw_model.parameters() if p.requires_grad]
-        self.pruner.before_step()
-        # Per-layer hooks that step during backward have clipped on their own.
-        in_hooks = getattr(self.optimizer, "steps_in_hooks", False)
-        clip = 0.0 if in_hooks else cfg.optimizer.grad_clip
-        grad_norm = _total_norm(torch.nn.utils.clip_grad_norm_(trainable, clip)) if clip else None
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         grad_norm = getattr(self.optimizer, "grad_norm", None) if grad_norm is None else grad_norm
@@ -353,7 +402,7 @@ class Trainer:
         record = {"step": c.step, "loss": loss_sum / tc.grad_accum,
                   **self.loss_fn.step_metrics(self.world.mean), "lr": lr, "grad_norm": grad_norm,
                   "tokens": c.tokens_seen, "tok_per_s": cfg.tokens_per_step / dt,
-                  "elapsed_s": c.elapsed_s, **events}
+                  **self.compute_rate(cfg.tokens_per_step / dt), "elapsed_s": c.elapsed_s, **events}
         if c.skipped_nonfinite:
             record["skipped_nonfinite"] = c.skipped_nonfinite
         return record
@@ -433,6 +482,7 @@ class Trainer:
         if hasattr(self.model, "reshard"):  # FSDP2 leaves the root's weights gathered after a forward
             self.model.reshard()
         raw = self.raw_model
+        tok_per_s = self.step_tokens / self.step_time if self.step_time > 0 else 0.0
         summary = {
             "run_dir": str(self.run_dir), "checkpoint": str(final_ckpt),
             "status": f"interrupted by {interrupted}" if interrupted else "finished",
@@ -445,7 +495,8 @@ class Trainer:
             "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
             "tokens_seen": c.tokens_seen, "skipped_nonfinite": c.skipped_nonfinite,
             "train_time_s": elapsed,
-            "tok_per_s": self.step_tokens / self.step_time if self.step_time > 0 else 0.0,
+            "tok_per_s": tok_per_s, "flops_per_token": self.flops_per_token,
+            "mfu": None, **self.compute_rate(tok_per_s), "mfu_note": self.peak_note,
             "wall_time_s": time.perf_counter() - self.wall_start, "device": str(self.device),
             "world_size": self.world.size,
             "parallel": self.world.parallel if self.world.active else "none",
@@ -462,7 +513,15 @@ def _derived(cfg: RunConfig) -> dict[str, Any]:
             "warmup_steps": cfg.warmup_steps, "tokens_per_step": cfg.tokens_per_step}
 
 
-def _total_norm(norm: torch.Tensor) -> float:
-    """The gradient norm clip_grad_norm_ returns, as a number (a DTensor under FSDP)."""
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    """The gradient norm clip_grad_norm_ returns, as a plain tensor (a DTensor under FSDP)."""
     full = getattr(norm, "full_tensor", None)
-    return (full() if full else norm).item()
+    return full() if full else norm
+
+
+def _read(total: torch.Tensor, norm: torch.Tensor | None) -> tuple[float, float | None]:
+    """(summed loss, gradient norm) as numbers, in one host sync."""
+    if norm is None:
+        return total.item(), None
+    loss_sum, grad_norm = torch.stack([total, norm.to(total)]).tolist()
+    return loss_sum, grad_norm
