@@ -133,6 +133,12 @@ def _close(t: torch.Tensor, mean: float, std: float) -> None:
     assert abs(t.std().item() - std) <= 5 * std / math.sqrt(2 * n), (t.std().item(), std)
 
 
+def test_sltrain_paper_init_starts_b_at_zero():
+    model = build_model(small("sltrain", **{"method.b_init": "zero"}))
+    layers = [m for m in model.modules() if hasattr(m, "b_init")]
+    assert layers and all(m.b_init == "zero" and torch.all(m.B == 0) for m in layers)
+
+
 @pytest.mark.parametrize("method", ["sltrain", "lowrank", "relora", "sparse", "lost", "cola",
                                     "full"])
 def test_init_distributions_are_todays(method):
@@ -149,10 +155,10 @@ def test_init_distributions_are_todays(method):
         bound = 1 / math.sqrt(layer.in_features)
         if method == "full":
             _close(layer.weight, 0, std)
-        elif method == "sltrain":
+        elif method == "sltrain":  # --b-init uniform, the default
             _close(layer.A, 0, bound * uniform)
             _close(layer.values, 0, bound * uniform)
-            assert torch.all(layer.B == 0)
+            _close(layer.B, 0, uniform / math.sqrt(r))
         elif method == "lowrank":
             _close(layer.A, 0, bound * uniform)
             _close(layer.B, 0, uniform / math.sqrt(r))

@@ -279,11 +279,12 @@ class SparseLowRankLinear(FactoredLinear):
 
 
 class SLTrainOptions(ScaledRankOptions, DensityOptions):
-    # The paper starts B at zero, so W starts as the sparse S alone; "uniform" starts it at
-    # s·B·A + S with B drawn as the low-rank method's (docs/results/default-run.md measures both).
+    # The paper starts B at zero (W = S); then A's first gradients are zero and Adam's slow
+    # second moment lags their growth, and short runs spike and stall. "uniform" (the default
+    # here) draws B as the low-rank method does; docs/results/default-run.md measures both.
     b_init: Literal["zero", "uniform"] = Field(
-        "zero", json_schema_extra={"exclusive": True},
-        description="B at init: zero (the paper's, W starts as S) or uniform U(+-1/sqrt(r))")
+        "uniform", json_schema_extra={"exclusive": True},
+        description="B at init: uniform U(+-1/sqrt(r)) (default) or zero (the paper's: W starts as S)")
 
 
 METHODS.register("sltrain", SparseLowRankLinear, options=SLTrainOptions,
