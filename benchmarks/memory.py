@@ -11,8 +11,8 @@ Each configuration runs in its own process (`--precision bf16`, `--device` auto:
 run summary's peak is torch.cuda.max_memory_allocated, on the CPU the resident memory above the
 process's size before the model is built) beside `sltrain memory`'s training-state estimate and
 the published figure. A configuration whose estimate exceeds `--ram` is skipped with the reason.
-Rows are merged into benchmarks/results/paper-memory.json (keyed by size, shape, configuration
-and checkpointing), so that sizes can be run one at a time.
+Rows are merged into benchmarks/results/paper-memory.json (keyed by size, shape, steps,
+configuration and checkpointing), so that sizes can be run one at a time.
 """
 
 from __future__ import annotations
@@ -92,21 +92,21 @@ def ram_bytes() -> int:
 
 def table(rows: list[dict]) -> str:
     gb = 1e9
-    lines = ["| size | configuration | micro-batch | checkpointing | training state (estimate) | "
-             "measured peak | peak / state | published |", "|---|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| size | configuration | micro-batch | steps | checkpointing | training state (estimate) "
+             "| measured peak | peak / state | published |", "|---|---|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         measured = (f"{r['peak_bytes'] / gb:.2f} GB | {r['peak_bytes'] / r['estimate_bytes']:.2f}"
                     if "peak_bytes" in r else f"{r['status']} | ")
         lines.append(f"| {r['size']} | {CONFIGS[r['config']][0]} | {r['batch']} x {r['seq']} | "
-                     f"{r['checkpointing']} | {r['estimate_bytes'] / gb:.2f} GB | {measured} | "
-                     f"{r['published_gb']} GB |")
+                     f"{r['steps']} | {r['checkpointing']} | {r['estimate_bytes'] / gb:.2f} GB | "
+                     f"{measured} | {r['published_gb']} GB |")
     return "\n".join(lines)
 
 
 def merge(path: Path, rows: list[dict], meta: dict) -> list[dict]:
     """The rows already in `path`, with those of this invocation replacing their matches."""
     def key(r: dict) -> tuple:
-        return r["size"], r["batch"], r["seq"], r["config"], r["checkpointing"]
+        return r["size"], r["batch"], r["seq"], r["steps"], r["config"], r["checkpointing"]
 
     old = json.loads(path.read_text())["runs"] if path.exists() else []
     new = {key(r): r for r in rows}
