@@ -234,3 +234,47 @@ def test_every_optimizer_declares_the_moments_it_creates(name):
     wrapper = PerLayerOptimizer(opt)
     wrapper.remove_hooks()
     assert wrapper.moment_keys == tuple(declared)  # the per-layer wrapper delegates
+
+
+def whole_tensor_direction_8bit(grad, state, beta1, beta2, eps, step):
+    """The 8-bit Adam direction over the whole tensor at once (before slicing): the reference."""
+    from sltrain.optim.adam8bit import BLOCKSIZE, bitsandbytes
+    from sltrain.optim.base import adam_moments_
+
+    F = bitsandbytes().functional
+    m, v = (F.dequantize_blockwise(state["state" + i], absmax=state["absmax" + i],
+                                   code=state["qmap" + i], blocksize=BLOCKSIZE) for i in "12")
+    direction, correction = adam_moments_(m, v, grad.float(), beta1, beta2, eps, step)
+    for i, moment in (("1", m), ("2", v)):
+        F.quantize_blockwise(moment, code=state["qmap" + i], absmax=state["absmax" + i],
+                             out=state["state" + i], blocksize=BLOCKSIZE)
+    return direction, correction
+
+
+def test_the_8bit_direction_is_sliced_and_equals_the_whole_tensor_one():
+    from sltrain.measure.tensor_bytes import LiveTensorBytes
+    from sltrain.optim.adam8bit import adam_direction_8bit
+    from sltrain.optim.rounding import CHUNK
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, CHUNK // 2 + 77, generator=g).bfloat16() for _ in range(3)]
+    sliced, whole = {}, {}
+    for step, grad in enumerate(grads, 1):
+        got, c1 = adam_direction_8bit(grad, sliced, 0.9, 0.999, 1e-8, step, dtype=torch.bfloat16)
+        if step == 1:
+            whole = copy.deepcopy(sliced) | {"state1": torch.zeros_like(sliced["state1"]),
+                                             "state2": torch.zeros_like(sliced["state2"]),
+                                             "absmax1": torch.zeros_like(sliced["absmax1"]),
+                                             "absmax2": torch.zeros_like(sliced["absmax2"])}
+        want, c2 = whole_tensor_direction_8bit(grad, whole, 0.9, 0.999, 1e-8, step)
+        assert c1 == c2 and torch.equal(got, want.bfloat16())
+        for key in ("state1", "state2", "absmax1", "absmax2"):
+            assert torch.equal(sliced[key], whole[key]), key
+    big = torch.randn(8 * CHUNK, generator=g).bfloat16()
+    adam_direction_8bit(big, state := {}, 0.9, 0.999, 1e-8, 1)
+    with LiveTensorBytes() as sliced_peak:
+        adam_direction_8bit(big, state, 0.9, 0.999, 1e-8, 2, dtype=torch.bfloat16)
+    with LiveTensorBytes() as whole_peak:
+        whole_tensor_direction_8bit(big, state, 0.9, 0.999, 1e-8, 3)
+    # The bf16 direction plus one slice's float32 temporaries, not float32 copies of the whole.
+    assert sliced_peak.peak < 2 * big.numel() + 40 * CHUNK < whole_peak.peak / 2

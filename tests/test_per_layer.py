@@ -13,7 +13,9 @@ from test_crash_safety import assert_identical
 
 import sltrain.train.losses as losses_module
 from sltrain.config import load_config, resume_config
-from sltrain.optim.per_layer import PerLayerOptimizer
+from sltrain.measure.tensor_bytes import LiveTensorBytes
+from sltrain.optim.per_layer import PerLayerOptimizer, all_finite
+from sltrain.optim.rounding import CHUNK
 from sltrain.registry import LOSSES
 from sltrain.train import train
 from sltrain.train.trainer import Trainer
@@ -146,6 +148,25 @@ def test_a_parameter_without_gradient_does_not_step(accum):
         assert counts["a.weight"] == update + 1 and counts["b.weight"] == [1, 1, 2][update], counts
     for p, q in zip(model.parameters(), plain_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def test_the_finite_check_is_exact_and_sliced():
+    """A non-finite entry anywhere (first, a middle slice, the last) is found; the check's
+    temporaries are one slice's, not the whole gradient's."""
+    g = torch.zeros(8, CHUNK + 3, dtype=torch.bfloat16)
+    assert all_finite(g) and all_finite(g.t())  # the transposed view: not contiguous
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for i in (0, 4 * CHUNK + 1, g.numel() - 1):
+            h = g.clone()
+            h.view(-1)[i] = bad
+            assert not all_finite(h)
+    with LiveTensorBytes() as sliced:
+        all_finite(g)
+    with LiveTensorBytes() as one_slice:
+        torch.isfinite(g.view(-1)[:CHUNK]).all()
+    with LiveTensorBytes() as whole:
+        torch.isfinite(g).all()
+    assert sliced.peak <= one_slice.peak + 64 < whole.peak / 6  # + the running flag
 
 
 @pytest.mark.parametrize("mode", ["previous_norm", "running_norm"])

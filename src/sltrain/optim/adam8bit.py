@@ -57,31 +57,42 @@ def quantization_map(signed: bool, device: torch.device) -> torch.Tensor:
 
 
 def adam_direction_8bit(grad: torch.Tensor, state: dict, beta1: float, beta2: float, eps: float,
-                        step: int | None = None) -> tuple[torch.Tensor, float]:
+                        step: int | None = None,
+                        dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
     """Adam with blockwise 8-bit moments in bitsandbytes' state layout (state1/state2 codes,
     absmax1/absmax2 per block of 256, shared qmap1/qmap2): dequantise, update in float32,
-    quantise back. Tensors below MIN_8BIT_SIZE elements keep float32 moments, as in bitsandbytes.
+    quantise back, a slice at a time (whole 256-blocks, so the same codes as the whole tensor at
+    once, without float32 copies of it: 0.8 GB for llama-350m's embedding). The direction comes
+    back in `dtype`. Tensors below MIN_8BIT_SIZE elements keep float32 moments, as in bitsandbytes.
     """
-    F = bitsandbytes().functional
-    g = grad.float()
     if "state1" not in state:
-        if g.numel() >= MIN_8BIT_SIZE:
-            blocks = (g.numel() + BLOCKSIZE - 1) // BLOCKSIZE
+        if grad.numel() >= MIN_8BIT_SIZE:
+            blocks = (grad.numel() + BLOCKSIZE - 1) // BLOCKSIZE
             for i, signed in (("1", True), ("2", False)):
-                state["state" + i] = torch.zeros_like(g, dtype=torch.uint8)
-                state["absmax" + i] = torch.zeros(blocks, dtype=torch.float32, device=g.device)
-                state["qmap" + i] = quantization_map(signed, g.device)
+                state["state" + i] = torch.zeros_like(grad, dtype=torch.uint8)
+                state["absmax" + i] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
+                state["qmap" + i] = quantization_map(signed, grad.device)
         else:
-            state["state1"], state["state2"] = torch.zeros_like(g), torch.zeros_like(g)
+            state["state1"] = torch.zeros_like(grad, dtype=torch.float32)
+            state["state2"] = torch.zeros_like(grad, dtype=torch.float32)
     step = state["step"] if step is None else step
     if state["state1"].dtype != torch.uint8:
-        return adam_moments_(state["state1"], state["state2"], g, beta1, beta2, eps, step)
-    m, v = (F.dequantize_blockwise(state["state" + i], absmax=state["absmax" + i],
-                                   code=state["qmap" + i], blocksize=BLOCKSIZE) for i in "12")
-    direction, correction = adam_moments_(m, v, g, beta1, beta2, eps, step)
-    for i, moment in (("1", m), ("2", v)):
-        F.quantize_blockwise(moment, code=state["qmap" + i], absmax=state["absmax" + i],
-                             out=state["state" + i], blocksize=BLOCKSIZE)
+        direction, correction = adam_moments_(state["state1"], state["state2"], grad.float(),
+                                              beta1, beta2, eps, step)
+        return direction.to(dtype), correction
+    F = bitsandbytes().functional
+    direction = torch.empty_like(grad, dtype=dtype)
+    for start, pieces in flat_chunks(grad.contiguous(), state["state1"], state["state2"], direction):
+        g, codes, out = pieces[0], pieces[1:3], pieces[3]
+        blocks = slice(start // BLOCKSIZE, (start + g.numel() + BLOCKSIZE - 1) // BLOCKSIZE)
+        absmax = [state["absmax" + i][blocks] for i in "12"]
+        m, v = (F.dequantize_blockwise(c, absmax=a, code=state["qmap" + i], blocksize=BLOCKSIZE)
+                for c, a, i in zip(codes, absmax, "12", strict=True))
+        chunk, correction = adam_moments_(m, v, g.float(), beta1, beta2, eps, step)
+        for moment, c, a, i in zip((m, v), codes, absmax, "12", strict=True):
+            F.quantize_blockwise(moment, code=state["qmap" + i], absmax=a, out=c,
+                                 blocksize=BLOCKSIZE)
+        out.copy_(chunk)
     return direction, correction
 
 

@@ -43,8 +43,7 @@ class GaLore(SltrainOptimizer):
     def _direction(self, grad, state, group):
         beta1, beta2 = group["betas"]
         if group["eight_bit"]:
-            direction, _ = adam_direction_8bit(grad, state, beta1, beta2, group["eps"])
-            return direction.to(grad.dtype)
+            return adam_direction_8bit(grad, state, beta1, beta2, group["eps"], dtype=grad.dtype)[0]
         return adam_direction(grad, state, beta1, beta2, group["eps"])[0]
 
     def step_size(self, state: dict, group: dict, step: int | None = None) -> float:

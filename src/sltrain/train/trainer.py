@@ -27,6 +27,7 @@ from sltrain.device import (
     enable_tf32,
     resolve_device,
     resolve_precision,
+    return_freed_memory,
 )
 from sltrain.errors import UserError
 from sltrain.measure import PeakMemory, count_parameters, estimate_memory, measure_memory
@@ -194,6 +195,7 @@ class Trainer:
         validate_pruning(cfg)
         init_from = Path(cfg.train.init_from) if cfg.train.init_from and not ckpt else None
         self._build_data(ckpt, init_from)
+        return_freed_memory(self.device)
         # The peak is measured from here on: model, gradients, optimizer states and activations.
         self.peak_memory = PeakMemory(self.device).start()
         self._build_model(init_from)
