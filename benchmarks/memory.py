@@ -60,8 +60,13 @@ def estimate(preset: str, config: str) -> tuple[int, int]:
 
 
 def train(preset: str, config: str, batch: int, seq: int, steps: int, checkpointing: str,
-          extra: list[str]) -> dict:
-    """One real run: the summary's peak and state, and the process's own peak RSS (wait4)."""
+          extra: list[str], mmap_threshold: int) -> dict:
+    """One real run: the summary's peak and state, and the process's own peak RSS (wait4).
+    `mmap_threshold` > 0 fixes glibc's (MALLOC_MMAP_THRESHOLD_), so that freed tensors leave
+    the process and its resident size follows the live tensors (docs/results/peak-prediction.md)."""
+    env = dict(os.environ)
+    if mmap_threshold > 0:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = sltrain("train", "--model", preset, *CONFIGS[config][1], "--precision", "bf16",
                       "--batch-size", str(batch), "--seq-len", str(seq), "--steps", str(steps),
@@ -69,7 +74,7 @@ def train(preset: str, config: str, batch: int, seq: int, steps: int, checkpoint
                       "--activation-checkpointing", checkpointing, "--out-dir", tmp, *extra)
         print("$ " + " ".join(cmd[2:]), file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode:
@@ -126,6 +131,8 @@ def main() -> None:
     ap.add_argument("--ram", type=float, default=ram_bytes() / 2**30,
                     help="GiB; skip a configuration whose training state or float32 build exceeds it")
     ap.add_argument("--estimate-only", action="store_true", help="no training runs")
+    ap.add_argument("--mmap-threshold", type=int, default=128 * 1024,
+                    help="MALLOC_MMAP_THRESHOLD_ of the runs, bytes (0: glibc's dynamic default)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- flags for `sltrain train`")
     args = ap.parse_args()
@@ -140,7 +147,8 @@ def main() -> None:
             row = {"size": preset, "config": config, "batch": batch, "seq": seq,
                    "steps": args.steps, "checkpointing": args.checkpointing,
                    "estimate_bytes": state, "float32_build_bytes": build,
-                   "published_gb": PUBLISHED_GB[preset][config], "command": command}
+                   "published_gb": PUBLISHED_GB[preset][config], "command": command,
+                   "mmap_threshold": args.mmap_threshold}
             if args.estimate_only:
                 row["status"] = "not run"
             elif max(state, build) > args.ram * 2**30:
@@ -149,7 +157,8 @@ def main() -> None:
                                  f"this machine's {args.ram:.0f} GiB")
             else:
                 row.update(status="measured", train_flags=extra,
-                       **train(preset, config, batch, seq, args.steps, args.checkpointing, extra))
+                       **train(preset, config, batch, seq, args.steps, args.checkpointing, extra,
+                                    args.mmap_threshold))
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)
     meta = {"precision": "bf16", "ram_bytes": ram_bytes()}

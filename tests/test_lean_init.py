@@ -114,6 +114,23 @@ def test_meta_build_allocates_nothing_and_dtype_is_honoured():
     assert layer.support.dtype == torch.int32
 
 
+@pytest.mark.parametrize("method", ["sltrain", "full"])
+def test_param_dtype_build_is_the_cast_float32_build_at_the_cast_models_memory(method):
+    """`train --precision bf16` builds with param_dtype: each module drawn in float32 and cast at
+    once. The values are the float32 build's, cast; the peak is the bf16 model plus one module's
+    float32 transient (the largest: the embedding or the LM head), never the float32 model."""
+    cfg = preset(method)
+    ref = {k: (v.to(torch.bfloat16) if v.is_floating_point() and "rope" not in k else v)
+           for k, v in build_model(cfg).state_dict().items()}
+    with LiveTensorBytes() as m:
+        model = build_model(cfg, param_dtype=torch.bfloat16)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype for k in ref)
+    assert model.rope_cos.dtype == torch.float32
+    largest = max(p.numel() for p in model.parameters())
+    assert m.peak <= held_bytes(model) + 4 * largest + 2**20, (m.peak, held_bytes(model))
+
+
 def test_same_seed_same_model_whatever_the_global_rng_and_another_seed_another():
     torch.manual_seed(1)
     a = build_model(preset("sltrain")).state_dict()

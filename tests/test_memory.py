@@ -7,9 +7,7 @@ import torch
 from conftest import LiveGradients
 
 from sltrain.config import load_config
-from sltrain.device import _mallopt
 from sltrain.measure import estimate_memory, measure_memory
-from sltrain.measure.memory import rss_bytes
 from sltrain.model import build_model
 
 
@@ -44,27 +42,3 @@ def test_memory_command_reports_published_count_and_int32_indices():
     assert report["bytes"]["sparse_indices"] == 4 * nnz  # int32: half the published int64 code
     assert report["bytes"]["weights"] == 2 * report["params"]["total"]  # bfloat16 by default
 
-
-HOLES = """
-import sys, torch
-from sltrain.device import return_freed_memory
-from sltrain.measure.memory import rss_bytes
-if sys.argv[1] == "fixed":
-    return_freed_memory(torch.device("cpu"))
-torch.empty(1 << 22).fill_(1)  # a 16 MiB block freed: by default glibc's threshold climbs to it
-start = rss_bytes()
-blocks = [torch.ones(1 << 18) for _ in range(128)]  # 1 MiB each
-del blocks[::2]  # 64 MiB freed between the blocks kept
-print(rss_bytes() - start)
-"""
-
-
-@pytest.mark.skipif(_mallopt() is None or rss_bytes() == 0, reason="glibc on Linux only")
-def test_freed_tensors_leave_the_process_at_once():
-    def held(mode):
-        out = subprocess.run([sys.executable, "-c", HOLES, mode], check=True, capture_output=True,
-                             text=True)
-        return int(out.stdout.split()[-1])
-
-    assert held("default") > 120 * 2**20  # the heap keeps the holes resident...
-    assert held("fixed") < 72 * 2**20  # ... mmapped blocks are returned when freed

@@ -8,8 +8,6 @@ bf16 autocast over float32 weights on CUDA by default (mixed precision, Micikevi
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 
 import torch
 from torch import nn
@@ -71,31 +69,3 @@ def autocast_for(cfg: RunConfig, device: torch.device) -> contextlib.AbstractCon
     if resolve_precision(cfg.train.precision, device) != "bf16-mixed":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept instead of letting it climb
-
-
-@functools.cache
-def _mallopt():
-    try:
-        return ctypes.CDLL(None).mallopt  # glibc's, in the process's own symbols
-    except (OSError, AttributeError):
-        return None
-
-
-def return_freed_memory(device: torch.device) -> None:
-    """On the CPU, have glibc serve every block of 128 KiB or more by mmap, so that a freed
-    tensor's memory goes back to the system at once (process-wide; no-op off glibc and on CUDA).
-
-    By default glibc raises its mmap threshold to the size of each large block freed (up to 32
-    MiB), after which most activations, gradients and optimizer slices come from the heap, whose
-    holes stay resident. Measured on llama-350m (SLTrain, 8-bit, per-layer, bf16, 1 x 256
-    tokens): the run's peak 2.16 GB with the threshold climbing, 1.49 GB with it fixed. The
-    cost is the page faults of the mmapped blocks, in system time: ~6% more CPU time on that
-    run, within ~3% on llama-cpu.
-    """
-    mallopt = _mallopt() if device.type == "cpu" else None
-    if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)

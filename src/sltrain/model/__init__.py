@@ -28,9 +28,12 @@ def _inits_in_place(method: str) -> bool:
 
 
 def build_model(cfg: RunConfig, device: str | torch.device = "cpu",
-                dtype: torch.dtype | None = None) -> nn.Module:
+                dtype: torch.dtype | None = None,
+                param_dtype: torch.dtype | None = None) -> nn.Module:
     """A freshly initialised model on `device`, its floating tensors in `dtype` (default float32);
-    on device "meta" nothing is allocated (for accounting).
+    on device "meta" nothing is allocated (for accounting). `param_dtype` instead initialises in
+    float32 and casts each module's parameters as soon as they are drawn (buffers stay float32):
+    the values of a float32 build cast afterwards, at the memory of the cast model.
 
     The decoder is built on meta and its targeted linears swapped for their factored layers
     there; then each module is materialised on `device` and initialised in place, from the run
@@ -50,7 +53,8 @@ def build_model(cfg: RunConfig, device: str | torch.device = "cpu",
     if str(device) == "meta":
         return model
     try:
-        model.init_weights(cfg.model.init_std, seed=cfg.train.seed, device=device)
+        model.init_weights(cfg.model.init_std, seed=cfg.train.seed, device=device,
+                           param_dtype=param_dtype if lean else None)
         return model if lean else apply(model, spec)
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(e, MemoryError) and "alloc" not in str(e).lower():

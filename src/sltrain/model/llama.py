@@ -273,7 +273,8 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None,
-                     device: torch.device | str | None = None) -> None:
+                     device: torch.device | str | None = None,
+                     param_dtype: torch.dtype | None = None) -> None:
         """Initialise every module in place, one at a time (torchtitan's pattern): Normal(0, std)
         for embeddings and dense linears, ones for norms, the identity for embed_proj, and a
         re-parameterised layer's own `init_weights(std, generator)`.
@@ -282,7 +283,9 @@ class Llama(nn.Module):
         only), so a model built on meta holds its parameters and one module's transients, never a
         dense copy. With a `seed`, each module draws from its own generator seeded by the seed and
         its name: the same seed gives the same model in any process, whatever the order; without
-        one, from the global RNG.
+        one, from the global RNG. With `param_dtype`, each module's floating parameters are cast
+        to it right after their own initialisation: the same values as casting the initialised
+        model, without ever holding all of it in float32 (buffers keep their dtype).
         """
         for name, module in self.named_modules():
             own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
@@ -296,6 +299,10 @@ class Llama(nn.Module):
                 if seed is not None:
                     generator = torch.Generator(own[0].device).manual_seed(init_seed(seed, name))
                 self._init_module(module, std, generator)
+                if param_dtype is not None:
+                    for p in module.parameters(recurse=False):
+                        if p.is_floating_point() and p.dtype != param_dtype:
+                            p.data = p.data.to(param_dtype)
 
     def _init_module(self, module: nn.Module, std: float, generator: torch.Generator | None) -> None:
         if module is self:

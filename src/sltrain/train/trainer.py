@@ -27,7 +27,7 @@ from sltrain.device import (
     enable_tf32,
     resolve_device,
     resolve_precision,
-    return_freed_memory,
+    weight_dtype,
 )
 from sltrain.errors import UserError
 from sltrain.measure import PeakMemory, count_parameters, estimate_memory, measure_memory
@@ -195,7 +195,6 @@ class Trainer:
         validate_pruning(cfg)
         init_from = Path(cfg.train.init_from) if cfg.train.init_from and not ckpt else None
         self._build_data(ckpt, init_from)
-        return_freed_memory(self.device)
         # The peak is measured from here on: model, gradients, optimizer states and activations.
         self.peak_memory = PeakMemory(self.device).start()
         self._build_model(init_from)
@@ -253,8 +252,9 @@ class Trainer:
     def _build_model(self, init_from: Path | None) -> None:
         cfg, tc = self.cfg, self.cfg.train
         torch.manual_seed(tc.seed)
-        self.raw_model = build_model(cfg, device=self.device)
-        cast_weights_(self.raw_model, cfg, self.device)  # bf16 storage under --precision bf16
+        dtype = weight_dtype(resolve_precision(tc.precision, self.device))
+        self.raw_model = build_model(cfg, device=self.device, param_dtype=dtype)
+        cast_weights_(self.raw_model, cfg, self.device)  # a plugin layer built the old way
         if init_from:
             init_weights_from(self.raw_model, init_from)
         include_warm_start_params(self.raw_model, cfg)
