@@ -10,7 +10,7 @@ from scipy.stats import t as student_t
 
 from sltrain.bench import load_suite
 from sltrain.bench.report import Variant
-from sltrain.bench.suite import lr_grid
+from sltrain.bench.suite import Tune, lr_grid
 from sltrain.bench.tune import choose
 from sltrain.cli import main
 from sltrain.config import DataConfig, load_config
@@ -114,12 +114,17 @@ def _csv(path):
 
 def test_tuning_picks_the_best_rate_and_the_final_runs_use_it(tmp_path, small_corpus):
     out = tmp_path / "bench"
-    suite = _tuned_suite(tmp_path, small_corpus)
-    assert main(["bench", suite, "--out", str(out), "--progress", "false"]) == 0
+    suite = _tuned_suite(tmp_path, small_corpus, "widen = 1")
+    assert main(["bench", suite, "--out", str(out), "--progress", "false", "--jobs", "2"]) == 0
 
     tuning = _csv(out / "tune" / "results.csv")
-    assert sorted(r["run"] for r in tuning) == ["full-lr0.001-seed0", "full-lr0.03-seed0",
-                                                "sltrain-lr0.0003-seed0", "sltrain-lr0.003-seed0"]
+    # A two-point grid's best is on an edge, so `widen = 1` adds the next rate out, once.
+    for variant, grid in (("full", [1e-3, 3e-2]), ("sltrain", [3e-4, 3e-3])):
+        first = {float(r["lr"]): float(r["val_loss"]) for r in tuning
+                 if r["variant"] == variant and float(r["lr"]) in grid}
+        beyond = grid[1] * 2 if first[grid[1]] < first[grid[0]] else grid[0] / 2
+        assert sorted(float(r["lr"]) for r in tuning if r["variant"] == variant) == sorted(
+            [*grid, beyond]), variant
     finals = _csv(out / "results.csv")
     assert [r["run"] for r in finals] == ["full-seed0", "full-seed1", "sltrain-seed0",
                                           "sltrain-seed1"]
@@ -142,7 +147,7 @@ def test_tuning_picks_the_best_rate_and_the_final_runs_use_it(tmp_path, small_co
 
     # Again: nothing is trained twice, tuning runs included.
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/summary.json")}
-    assert len(stamps) == 8
+    assert len(stamps) == 10
     assert main(["bench", suite, "--out", str(out), "--progress", "false"]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("**/summary.json")} == stamps
     assert all(log.read_text().count("$ sltrain") == 1 for log in out.glob("**/logs/*.log"))
@@ -158,6 +163,13 @@ def test_choice_skips_rates_that_failed_at_any_seed():
     assert choice.lr == 1e-3 and choice.losses == {1e-3: 5.1, 2e-3: None, 4e-3: None}
     assert choice.at_edge
     assert choose([row(1e-3, 0, None, "failed")])["v"].lr is None
+
+
+def test_widening_adds_the_next_rate_beyond_the_edge_the_best_is_on():
+    tune = Tune([0], {}, step=2.0, grids={"hi": [1e-3, 2e-3], "lo": [1e-3, 2e-3], "mid": [1, 2, 4]})
+    assert tune.widen_at({"hi": 2e-3, "lo": 1e-3, "mid": 2})
+    assert tune.grids == {"hi": [1e-3, 2e-3, 4e-3], "lo": [5e-4, 1e-3, 2e-3], "mid": [1, 2, 4]}
+    assert not tune.widen_at({"mid": 2}) and not tune.widen_at({})
 
 
 def test_interval_is_student_t_over_seeds():
@@ -183,6 +195,7 @@ def test_grid_holds_the_published_rate_log_spaced():
 @pytest.mark.parametrize("tune, runs, needle", [
     ("lr-points = 1", "", "lr-points = 1 must be a whole number of at least 2"),
     ("lr-step = 1", "", "lr-step = 1 must be a ratio above 1"),
+    ("widen = -1", "", "widen = -1 must be a whole number of grid points"),
     ("seeds = []", "", "[tune]: seeds must be a non-empty list"),
     ("lr-stepp = 2", "", "'lr-stepp' is not a `sltrain train` flag"),
     ("seq-len = 8", "", "--seq-len cannot differ in the tuning runs"),

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from sltrain.bench.report import render
 from sltrain.bench.suite import RunSpec, Suite, load_suite
-from sltrain.bench.tune import TUNE_DIR, tuned_lrs
+from sltrain.bench.tune import TUNE_DIR, choose, tuned_lrs
 from sltrain.config import RunConfig, flag_for, flatten, load_config, saved_config
 from sltrain.errors import UserError
 from sltrain.files import read_json, read_jsonl, writable_dir
@@ -287,12 +287,21 @@ def _checked_extra(suite: Suite, overrides: dict[str, Any] | None) -> tuple[dict
 def _tune_stage(suite: Suite, out: Path, only: list[str] | None, jobs: int, extra: dict[str, Any],
                 progress: bool, dry_run: bool) -> tuple[SuiteRunner, dict[str, Any]]:
     """Run (or for a dry run, list) the tuning runs into `out`/tune; return their runner and each
-    chosen variant's tuned rate (None: none finished; PENDING: a dry run before tuning)."""
-    runner = SuiteRunner(suite, out / TUNE_DIR, suite.tune_runs(only), jobs, extra, progress,
-                         stage="tune")
-    if not dry_run:
+    chosen variant's tuned rate (None: none finished; PENDING: a dry run before tuning).
+
+    A variant whose best rate is the lowest or highest of its grid gets the next rate beyond that
+    edge, up to [tune] `widen` times (a dry run lists the first grid only)."""
+    for round_ in range(suite.tune.widen + 1):
+        runner = SuiteRunner(suite, out / TUNE_DIR, suite.tune_runs(only), jobs, extra, progress,
+                             stage="tune")
+        if dry_run:
+            break
         runner.check_reusable()
         runner.run()
+        done = [runner.rows[r.name] for r in runner.runs if r.name in runner.rows]
+        edges = {v: c.lr for v, c in choose(done).items() if c.at_edge}
+        if runner.stopping.is_set() or round_ == suite.tune.widen or not suite.tune.widen_at(edges):
+            break
     return runner, tuned_lrs(suite, runner.rows, only, pending=dry_run)
 
 

@@ -17,6 +17,7 @@
     seeds = [0]
     lr-points = 4                     # published x 1/2, 1, 2, 4 (the run's lr at (points - 1) // 2)
     lr-step = 2
+    widen = 2                         # a best rate on the grid's edge adds the next one out, twice
     steps = 100                       # other keys: `sltrain train` flags of the tuning runs
     [[checks]]                        # optional: claims the report tests against the results
     claim = "SLTrain within 5% of full-rank"
@@ -101,8 +102,24 @@ class Tune:
     budget: dict[str, Any]
     points: int = 4
     step: float = 2.0
+    widen: int = 2
     grids: dict[str, list[float]] = field(default_factory=dict)
     own: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def widen_at(self, edges: dict[str, float]) -> bool:
+        """Add to each variant's grid the next rate out beyond the edge its best rate `edges[v]`
+        lies on (x or / step); whether any grid grew."""
+        grew = False
+        for variant, best in edges.items():
+            grid = self.grids[variant]
+            if best == grid[-1]:
+                grid.append(float(f"{best * self.step:.6g}"))
+            elif best == grid[0]:
+                grid.insert(0, float(f"{best / self.step:.6g}"))
+            else:
+                continue
+            grew = True
+        return grew
 
 
 @dataclass
@@ -285,7 +302,8 @@ def _tune(table: Any, where: str) -> Tune | None:
     if table is None:
         return None
     if not isinstance(table, dict):
-        raise UserError(f"{where} must be a table of lr-points, lr-step, seeds and train flags")
+        raise UserError(f"{where} must be a table of lr-points, lr-step, widen, seeds and train "
+                        "flags")
     table = dict(table)
     points, step = table.pop("lr-points", 4), table.pop("lr-step", 2.0)
     if not isinstance(points, int) or isinstance(points, bool) or points < 2:
@@ -294,8 +312,12 @@ def _tune(table: Any, where: str) -> Tune | None:
     if not isinstance(step, (int, float)) or isinstance(step, bool) or not step > 1:
         raise UserError(f"{where}: lr-step = {step!r} must be a ratio above 1 between "
                         "neighbouring rates, e.g. 2")
+    widen = table.pop("widen", 2)
+    if not isinstance(widen, int) or isinstance(widen, bool) or widen < 0:
+        raise UserError(f"{where}: widen = {widen!r} must be a whole number of grid points to add "
+                        "beyond an edge (0: never)")
     seeds = _seeds(table.pop("seeds", [0]), where)
-    return Tune(seeds, _tune_flags(table, where), points, float(step))
+    return Tune(seeds, _tune_flags(table, where), points, float(step), widen)
 
 
 def _tune_flags(table: dict[str, Any], where: str) -> dict[str, Any]:
