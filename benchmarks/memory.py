@@ -50,13 +50,12 @@ def sltrain(*args: str) -> list[str]:
     return [sys.executable, "-m", "sltrain", *args]
 
 
-def estimate(preset: str, config: str) -> tuple[int, int]:
-    """`sltrain memory`'s training-state bytes (weights, gradients, states, indices) in bf16, and
-    the bytes of the model's float32 build that `train` casts to bf16 (weights x 2 + indices)."""
+def estimate(preset: str, config: str) -> int:
+    """`sltrain memory`'s training-state bytes (weights, gradients, states, indices) in bf16."""
     out = subprocess.run(sltrain("memory", "--model", preset, *CONFIGS[config][1], "--precision",
                                  "bf16", "--json"), check=True, capture_output=True, text=True)
     b = json.loads(out.stdout)["bytes"]
-    return b["total"], 2 * b["weights"] + b["sparse_indices"]
+    return b["total"]
 
 
 def train(preset: str, config: str, batch: int, seq: int, steps: int, checkpointing: str,
@@ -129,7 +128,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--checkpointing", default="none", help="--activation-checkpointing")
     ap.add_argument("--ram", type=float, default=ram_bytes() / 2**30,
-                    help="GiB; skip a configuration whose training state or float32 build exceeds it")
+                    help="GiB; skip a configuration whose training state exceeds it")
     ap.add_argument("--estimate-only", action="store_true", help="no training runs")
     ap.add_argument("--mmap-threshold", type=int, default=128 * 1024,
                     help="MALLOC_MMAP_THRESHOLD_ of the runs, bytes (0: glibc's dynamic default)")
@@ -143,17 +142,16 @@ def main() -> None:
         preset, _, dims = size.partition(":")
         batch, seq = (int(v) for v in (dims or "1x256").split("x"))
         for config in args.configs:
-            state, build = estimate(preset, config)
+            state = estimate(preset, config)
             row = {"size": preset, "config": config, "batch": batch, "seq": seq,
                    "steps": args.steps, "checkpointing": args.checkpointing,
-                   "estimate_bytes": state, "float32_build_bytes": build,
+                   "estimate_bytes": state,
                    "published_gb": PUBLISHED_GB[preset][config], "command": command,
                    "mmap_threshold": args.mmap_threshold}
             if args.estimate_only:
                 row["status"] = "not run"
-            elif max(state, build) > args.ram * 2**30:
-                what = "training state" if state >= build else "float32 build"
-                row["status"] = (f"skipped: its {what} ({max(state, build) / 1e9:.1f} GB) exceeds "
+            elif state > args.ram * 2**30:
+                row["status"] = (f"skipped: its training state ({state / 1e9:.1f} GB) exceeds "
                                  f"this machine's {args.ram:.0f} GiB")
             else:
                 row.update(status="measured", train_flags=extra,

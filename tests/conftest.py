@@ -4,12 +4,20 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from sltrain.data.corpus import embedded_path
 
 # Tests never reach the Hugging Face Hub: an unknown name fails at once instead of retrying.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+# pytest-xdist's workers (pyproject: -n auto) share the cores: each, and each run it starts in a
+# subprocess, takes its share of threads instead of all of them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session", autouse=True)
