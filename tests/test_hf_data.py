@@ -104,6 +104,8 @@ def test_hf_source_reads_only_its_budget_and_serves_smaller_ones_from_the_cache(
         return records(36), iter(docs[9:])
 
     monkeypatch.setattr(streaming, "open_splits", fake_open)
+    # A cache of its own: another test in this process may have cached the same name.
+    monkeypatch.setenv("SLTRAIN_CACHE", str(tmp_path / "cache"))
     cfg = DataConfig(source="hf:someone/corpus:en")
     with pytest.raises(UserError, match="needs a token budget; pass --max-tokens"):
         prepare(cfg, 512)
