@@ -13,7 +13,7 @@ from sltrain.measure.memory import estimate_for
 from sltrain.model import build_model
 from sltrain.optim import build_optimizer
 from sltrain.optim.base import SltrainOptimizer, apply_update_
-from sltrain.optim.rounding import ROUNDING, round_into_
+from sltrain.optim.rounding import ROUNDING, round_into_, update_state_
 from sltrain.registry import OPTIMIZERS
 from sltrain.train import train
 from sltrain.train.trainer import Trainer
@@ -186,6 +186,51 @@ def test_every_optimizer_moves_bf16_weights_as_float32_in_expectation(name):
             continue  # a handful of elements: too few for a tight statistic
         ratio = (d16 * d32).sum() / (d32 * d32).sum()
         assert 0.85 < ratio.item() < 1.15, (name, tuple(d32.shape), ratio.item())
+
+
+def test_a_bf16_moving_average_decays_as_float32_does():
+    """In bf16 itself v * 0.999 rounds back to v: the average never decays. Updated in float32
+    and rounded stochastically it follows 0.999^t in expectation."""
+    ROUNDING.seed(0)
+    plain, rounded = torch.ones(4096, dtype=torch.bfloat16), torch.ones(4096, dtype=torch.bfloat16)
+    zero = torch.zeros_like(plain)
+    for _ in range(1000):
+        plain.mul_(0.999).add_(zero, alpha=0.001)
+        update_state_(rounded, zero, lambda v, x: v.mul_(0.999).add_(x, alpha=0.001))
+    assert torch.all(plain == 1.0)
+    assert rounded.float().mean().item() == pytest.approx(0.999**1000, rel=0.02)
+
+
+def _states_after(name, dtype, steps=150):
+    """Each optimizer state tensor after `steps` updates whose gradient shrinks by 4% a step."""
+    cfg = load_config(None, {"model.preset": "llama-9m", "model.dim": 64, "model.n_layers": 1,
+                             "model.n_heads": 4, "model.ffn_dim": 128, "model.vocab_size": 64,
+                             "method.name": "full", "optimizer.name": name, "optimizer.lr": 1e-4,
+                             "optimizer.weight_decay": 0.0, "optimizer.proj_rank": 8})
+    torch.manual_seed(0)
+    model = build_model(cfg).to(dtype)
+    grads = [torch.randn(p.shape) for p in model.parameters()]
+    ROUNDING.seed(0)
+    opt = build_optimizer(model, cfg.optimizer, cfg.rank)
+    for t in range(steps):
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.grad = (g * 0.96**t).to(dtype)
+        opt.step()
+    return [{k: v.float() for k, v in opt.state[p].items()
+             if torch.is_tensor(v) and v.is_floating_point() and v.numel() >= 64}
+            for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", ["conda", "adam_mini", "normuon"])
+def test_bf16_optimizer_states_track_float32_ones(name):
+    """The second moments these optimizers keep themselves: with gradients shrinking over the
+    run, a bf16 one that cannot decay ends 1.12x too large (measured before the fix). Muon's and
+    AuON's momentum buffers (beta 0.95) go through the same rounding."""
+    for s32, s16 in zip(_states_after(name, torch.float32), _states_after(name, torch.bfloat16),
+                        strict=True):
+        for key, ref in s32.items():
+            if ref.norm() > 0:
+                assert s16[key].norm() / ref.norm() == pytest.approx(1.0, abs=0.05), (name, key)
 
 
 def _model_shapes():

@@ -12,6 +12,7 @@ from torch import nn
 
 from sltrain.config import OptimizerConfig
 from sltrain.optim.base import SltrainOptimizer, apply_update_
+from sltrain.optim.rounding import update_state_
 from sltrain.registry import OPTIMIZERS
 
 WHOLE = 0  # `block_rows` of a parameter that is one block (norm gains, sparse values)
@@ -76,11 +77,12 @@ class AdamMini(SltrainOptimizer):
             state["vmean"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
             state["step"] = 0
         beta1, beta2 = group["betas"]
-        state["vmean"].mul_(beta2).add_(self._block_mean_sq(grad, rows, n), alpha=1 - beta2)
+        update_state_(state["vmean"], self._block_mean_sq(grad, rows, n),
+                      lambda v, x: v.mul_(beta2).add_(x, alpha=1 - beta2))
         state["step"] += 1
         shape = p.shape if rows == WHOLE else (n, -1)
         m = state["m"].view(shape)
-        m.lerp_(grad.reshape(shape), 1 - beta1)
+        update_state_(m, grad.reshape(shape), lambda m_, g: m_.lerp_(g, 1 - beta1))
         bias_correction_1 = 1 - beta1 ** state["step"]
         bias_correction_2_sqrt = math.sqrt(1 - beta2 ** state["step"])
         h = (state["vmean"].sqrt() / bias_correction_2_sqrt).add_(group["eps"])

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from sltrain.config import OptimizerConfig
 from sltrain.optim.base import apply_update_
 from sltrain.optim.muon import ADAMW_RMS, MatrixOptimizer, MomentumOptions, newton_schulz
+from sltrain.optim.rounding import update_state_
 from sltrain.registry import OPTIMIZERS
 
 
@@ -57,7 +58,7 @@ class AuON(MatrixOptimizer):
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
         buf, mu = state["momentum_buffer"], group["momentum"]
-        buf.lerp_(p.grad, 1.0 - mu)
+        update_state_(buf, p.grad, lambda b, g: b.lerp_(g, 1.0 - mu))
         U = auon_direction(p.grad.lerp(buf, mu), group["hybrid"])
         apply_update_(p, U, -group["lr"] * ADAMW_RMS * math.sqrt(p.numel()), group)
 

@@ -14,6 +14,7 @@ from sltrain.config import OptimizerConfig
 from sltrain.optim.base import apply_update_
 from sltrain.optim.muon import MatrixOptimizer
 from sltrain.optim.projector import SubspaceOptions
+from sltrain.optim.rounding import update_state_
 from sltrain.registry import OPTIMIZERS
 
 
@@ -66,7 +67,7 @@ class Conda(MatrixOptimizer):
         state["step"] += 1
         step, grad, exp_avg, exp_avg_sq = state["step"], p.grad, state["exp_avg"], state["exp_avg_sq"]
         beta1, beta2 = group["betas"]
-        exp_avg.lerp_(grad, 1.0 - beta1)
+        update_state_(exp_avg, grad, lambda m, g: m.lerp_(g, 1.0 - beta1))
         if (step - 1) % group["update_proj_gap"] == 0:
             # SVD in float32: bfloat16 has no SVD and its basis would drift from orthogonal.
             U, _, Vh = torch.linalg.svd(exp_avg.float(), full_matrices=False)
@@ -76,7 +77,8 @@ class Conda(MatrixOptimizer):
         def project(X: Tensor) -> Tensor:
             return P.T @ X if left else X @ P
 
-        exp_avg_sq.mul_(beta2).add_(project(grad).square_(), alpha=1.0 - beta2)
+        update_state_(exp_avg_sq, project(grad).square_(),
+                      lambda v, x: v.mul_(beta2).add_(x, alpha=1.0 - beta2))
         direction = project(exp_avg) / exp_avg_sq.sqrt().add_(group["eps"])
         update = P @ direction if left else direction @ P.T
         correction = math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)

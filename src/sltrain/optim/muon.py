@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from sltrain.config import OptimizerConfig
 from sltrain.optim.base import SltrainOptimizer, apply_update_
+from sltrain.optim.rounding import update_state_
 from sltrain.registry import OPTIMIZERS, Options
 
 # The quintic's coefficients (Jordan et al.): chosen to push small singular values towards 1 as
@@ -105,7 +106,7 @@ class Muon(MatrixOptimizer):
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
         buf = state["momentum_buffer"]
-        buf.mul_(group["momentum"]).add_(p.grad)
+        update_state_(buf, p.grad, lambda b, g: b.mul_(group["momentum"]).add_(g))
         update = newton_schulz(p.grad.add(buf, alpha=group["momentum"]), group["ns_steps"])
         apply_update_(p, update, -group["lr"] * rms_matching_scale(p.shape), group)
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from sltrain.config import OptimizerConfig
 from sltrain.optim.base import apply_update_
 from sltrain.optim.muon import ADAMW_RMS, MatrixOptimizer, MuonOptions, newton_schulz
+from sltrain.optim.rounding import update_state_
 from sltrain.registry import OPTIMIZERS
 
 
@@ -46,9 +47,9 @@ class NorMuon(MatrixOptimizer):
             state["exp_avg_sq"] = p.new_zeros(p.size(0))
         buf, v = state["momentum_buffer"], state["exp_avg_sq"]
         beta2 = group["betas"][1]
-        buf.lerp_(p.grad, 1.0 - group["momentum"])
+        update_state_(buf, p.grad, lambda b, g: b.lerp_(g, 1.0 - group["momentum"]))
         ortho = newton_schulz(buf, group["ns_steps"])
-        v.mul_(beta2).add_(ortho.square().mean(dim=1), alpha=1.0 - beta2)
+        update_state_(v, ortho.square().mean(dim=1), lambda v_, x: v_.mul_(beta2).add_(x, alpha=1.0 - beta2))
         update = ortho / (v.sqrt().add_(group["eps"]).unsqueeze(1))
         # A zero update (e.g. a factor whose gradient is still zero) must stay zero, not NaN.
         scale = ADAMW_RMS * math.sqrt(p.numel()) / update.norm().clamp_min(1e-30)

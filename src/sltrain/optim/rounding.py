@@ -7,7 +7,7 @@ below bf16's resolution (1/256 relative) still moves a weight or a moment instea
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -81,6 +81,23 @@ def round_into_(target: torch.Tensor, source: torch.Tensor) -> None:
                          generator=ROUNDING.generator(source.device))
     bits.add_(source.view(torch.int32)).bitwise_and_(-65536)
     target.copy_(bits.view(torch.float32))
+
+
+def update_state_(state: torch.Tensor, new: torch.Tensor,
+                  op: Callable[[torch.Tensor, torch.Tensor], object]) -> torch.Tensor:
+    """Apply `op(state, new)`, an in-place update of `state` (a moving average: `mul_` then
+    `add_`, or `lerp_`), and return `state`. A float32 state is updated as it is, in the
+    reference packages' order; a bf16 one in float32 a slice at a time and rounded back
+    stochastically, because in bf16 itself v * 0.999 rounds back to v (the average never decays)
+    and a contribution below 1/256 of the average vanishes. `new` has `state`'s shape."""
+    if state.dtype not in LOW_PRECISION:
+        op(state, new)
+        return state
+    for _, (s16, x) in flat_chunks(state, new.contiguous()):
+        s32 = s16.float()
+        op(s32, x.float())
+        round_into_(s16, s32)
+    return state
 
 
 def flat_chunks(*tensors: torch.Tensor, size: int = CHUNK) -> Iterator[tuple[int, list[torch.Tensor]]]:
