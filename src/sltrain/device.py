@@ -14,6 +14,7 @@ from torch import nn
 
 from sltrain.config import RunConfig
 from sltrain.errors import UserError
+from sltrain.model.llama import cast_parameters_
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,10 +45,7 @@ def weight_dtype(precision: str) -> torch.dtype:
 def cast_weights_(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:
     """Store `model`'s floating parameters in the run's weight dtype. Buffers keep theirs: the
     sparse supports stay integer and the RoPE tables float32."""
-    dtype = weight_dtype(resolve_precision(cfg.train.precision, device))
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
+    cast_parameters_(model.parameters(), weight_dtype(resolve_precision(cfg.train.precision, device)))
     return model
 
 

@@ -20,7 +20,7 @@ untied embeddings and module names that match Hugging Face's `LlamaForCausalLM`.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,6 +255,13 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def cast_parameters_(params: Iterable[nn.Parameter], dtype: torch.dtype) -> None:
+    """Store each floating parameter of `params` in `dtype`, in place."""
+    for p in params:
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -300,9 +307,7 @@ class Llama(nn.Module):
                     generator = torch.Generator(own[0].device).manual_seed(init_seed(seed, name))
                 self._init_module(module, std, generator)
                 if param_dtype is not None:
-                    for p in module.parameters(recurse=False):
-                        if p.is_floating_point() and p.dtype != param_dtype:
-                            p.data = p.data.to(param_dtype)
+                    cast_parameters_(module.parameters(recurse=False), param_dtype)
 
     def _init_module(self, module: nn.Module, std: float, generator: torch.Generator | None) -> None:
         if module is self:

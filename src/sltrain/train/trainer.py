@@ -23,7 +23,6 @@ from sltrain.config import RunConfig
 from sltrain.data import Blocks, BlockSampler, prepare, prepare_options
 from sltrain.device import (
     autocast_for,
-    cast_weights_,
     enable_tf32,
     resolve_device,
     resolve_precision,
@@ -35,6 +34,7 @@ from sltrain.measure.flops import device_peak, model_flops
 from sltrain.measure.health import health_record
 from sltrain.measure.loss import evaluate, plain_head
 from sltrain.model import build_model
+from sltrain.model.llama import cast_parameters_
 from sltrain.optim import build_optimizer
 from sltrain.optim import validate as validate_optimizer
 from sltrain.optim.rounding import ROUNDING
@@ -254,7 +254,7 @@ class Trainer:
         torch.manual_seed(tc.seed)
         dtype = weight_dtype(resolve_precision(tc.precision, self.device))
         self.raw_model = build_model(cfg, device=self.device, param_dtype=dtype)
-        cast_weights_(self.raw_model, cfg, self.device)  # a plugin layer built the old way
+        cast_parameters_(self.raw_model.parameters(), dtype)  # a plugin layer built the old way
         if init_from:
             init_weights_from(self.raw_model, init_from)
         include_warm_start_params(self.raw_model, cfg)
