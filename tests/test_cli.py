@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import assert_one_line_error as in_process_one_line_error
 
+from sltrain.cli import main
 from sltrain.data.corpus import embedded_path
 
 
@@ -51,8 +53,11 @@ def tiny_flags(tmp_path, data):
         (["--refactor", "--reset-every", "10", "--method", "full"], ["--refactor", "lowrank"]),
     ],
 )
-def test_bad_values(tmp_path, flags, needles):
-    assert_one_line_error(run("train", "--out-dir", str(tmp_path / "r"), *flags), *needles)
+def test_bad_values(tmp_path, flags, needles, capsys):
+    # In process (the same `main` a process runs; the process-level contract, exit status and
+    # no traceback on stderr, is what the subprocess tests below check).
+    code = main(["train", "--out-dir", str(tmp_path / "r"), *flags])
+    in_process_one_line_error(capsys, code, *needles)
     assert not (tmp_path / "r").exists()  # nothing is left behind by a run that never started
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from sltrain.config import load_config
 from sltrain.errors import UserError
+from sltrain.run.resume import plan
 from sltrain.train import train
 from sltrain.train.distributed import World, check
 
@@ -40,30 +41,24 @@ def base(tiny):
     return {**tiny, "train.steps": 8, "train.eval_every": 4, "train.grad_accum": 2}
 
 
-def test_ddp_and_fsdp_match_one_process(base, tmp_path):
+def test_ddp_and_fsdp_match_one_process_and_fsdp_resumes_in_one(base, tmp_path):
     one = train(load_config(None, {**base, "train.out_dir": str(tmp_path / "one")}))
     expected = losses(tmp_path / "one")
     for parallel in ("ddp", "fsdp"):
         out = tmp_path / parallel
-        torchrun({**base, "train.out_dir": out, "train.parallel": parallel})
+        torchrun({**base, "train.out_dir": out, "train.parallel": parallel, "train.save_every": 4})
         got = losses(out)
         assert got == pytest.approx(expected, rel=RTOL), parallel
         summary = json.loads((out / "summary.json").read_text())
         assert summary["world_size"] == 2 and summary["parallel"] == parallel
         assert summary["val_loss"] == pytest.approx(one["val_loss"], rel=RTOL)
         assert summary["tokens_seen"] == one["tokens_seen"]
-
-
-def test_fsdp_checkpoint_resumes_in_one_process(base, tmp_path):
+    # FSDP's checkpoint holds full (gathered) tensors, so one process can continue it.
     run = tmp_path / "fsdp"
-    torchrun({**base, "train.out_dir": run, "train.parallel": "fsdp", "train.save_every": 4,
-              "train.eval_every": 0})
-    expected = losses(run)
-    # The checkpoint holds full (gathered) tensors, so one process can continue it.
     shutil.rmtree(run / "checkpoints" / "step_0000008")
-    proc = subprocess.run([sys.executable, "-m", "sltrain", "train", "--resume", str(run)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    steps = []
+    train(*plan(None, {}, str(run)), on_step=lambda step, record: steps.append(step))
+    assert steps == [5, 6, 7, 8]  # continued from step 4, not started again
     assert losses(run) == pytest.approx(expected, rel=RTOL)
 
 
