@@ -5,8 +5,6 @@ import copy
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import adam_mini
 import apollo_torch
@@ -14,6 +12,7 @@ import pytest
 import torch
 from conftest import LiveGradients
 
+from sltrain.cli import main
 from sltrain.config import load_config, resume_config
 from sltrain.measure import estimate_memory, measure_memory
 from sltrain.measure.loss import lm_loss
@@ -255,13 +254,13 @@ def test_memory_estimate_equals_live_state_after_a_step(name, dtype):
     assert estimate_memory(build_model(cfg, device="meta"), dtype, cfg.optimizer, cfg.rank) == live
 
 
-def memory_report(*args):
-    out = subprocess.run([sys.executable, "-m", "sltrain", "memory", *args, "--json"],
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out)["bytes"]["optimizer_states"]
+def memory_report(capsys, *args):
+    capsys.readouterr()
+    assert main(["memory", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["bytes"]["optimizer_states"]
 
 
-def test_memory_command_states_the_sizes_the_papers_describe():
+def test_memory_command_states_the_sizes_the_papers_describe(capsys):
     """llama-60m, dense, float32 estimate: APOLLO keeps rank x max(m, n) moments per matrix
     (plus a 4-byte norm), APOLLO-Mini rank 1, Adam-mini one full moment plus one value per block."""
     preset = ["--model", "llama-60m", "--method", "full", "--dtype", "float32"]
@@ -273,11 +272,11 @@ def test_memory_command_states_the_sizes_the_papers_describe():
     adam_other = sum(2 * p.numel() * 4 for p in others)
     for name, rank in (("apollo", 128), ("apollo_mini", 1)):
         moments = sum(2 * rank * max(p.shape) * 4 + 4 for p in matrices)
-        assert memory_report(*preset, "--optimizer", name) == adam_other + moments
+        assert memory_report(capsys, *preset, "--optimizer", name) == adam_other + moments
     every = [p for p in model.parameters()]
     blocks = sum(8 if "q_proj" in n or "k_proj" in n else (p.shape[0] if p.ndim == 2 else 1)
                  for n, p in model.named_parameters())
-    assert memory_report(*preset, "--optimizer", "adam_mini") == \
+    assert memory_report(capsys, *preset, "--optimizer", "adam_mini") == \
         4 * (sum(p.numel() for p in every) + blocks)
 
 

@@ -1,11 +1,10 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
+from sltrain.cli import main
 from sltrain.config import load_config
 from sltrain.errors import UserError
 from sltrain.measure import count_parameters, estimate_memory, measure_memory
@@ -126,7 +125,7 @@ def test_parameter_count_equals_formula():
     assert counts["sparse_indices"] == p.n_layers * sum(round(delta * i) for i, _ in shapes)
 
 
-def test_memory_estimate_equals_live_tensors_and_command_reports_it():
+def test_memory_estimate_equals_live_tensors_and_command_reports_it(capsys):
     cfg = load_config(None, {"model.preset": "llama-9m", "model.vocab_size": 200,
                              "method.name": "lost", "data.seq_len": 16})
     model = build_model(cfg)
@@ -136,9 +135,9 @@ def test_memory_estimate_equals_live_tensors_and_command_reports_it():
     live = measure_memory(model, opt)
     assert live == estimate_memory(model, torch.float32) == estimate_memory(build_model(cfg, device="meta"))
     assert live.sparse_indices == 8 * count_parameters(model)["sparse_indices"] > 0  # int64
-    out = subprocess.run([sys.executable, "-m", "sltrain", "memory", "--model", "llama-9m",
-                          "--method", "lost", "--json"], capture_output=True, text=True, check=True).stdout
-    report = json.loads(out)
+    capsys.readouterr()
+    assert main(["memory", "--model", "llama-9m", "--method", "lost", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["method"] == "lost" and report["density"] == cfg.density
     meta = build_model(load_config(None, {"model.preset": "llama-9m", "method.name": "lost"}), device="meta")
     assert report["params"] == count_parameters(meta)

@@ -1,11 +1,10 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import LiveGradients
 
+from sltrain.cli import main
 from sltrain.config import load_config
 from sltrain.measure import estimate_memory, measure_memory
 from sltrain.model import build_model
@@ -31,12 +30,9 @@ def test_estimate_equals_live_tensors_after_a_step(method, dtype):
     assert estimate_memory(build_model(cfg, device="meta"), dtype) == live
 
 
-def test_memory_command_reports_published_count_and_int32_indices():
-    out = subprocess.run(
-        [sys.executable, "-m", "sltrain", "memory", "--model", "llama-1b", "--method", "sltrain",
-         "--json"], capture_output=True, text=True, check=True,
-    ).stdout
-    report = json.loads(out)
+def test_memory_command_reports_published_count_and_int32_indices(capsys):
+    assert main(["memory", "--model", "llama-1b", "--method", "sltrain", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert round(report["params"]["total"] / 1e6, 1) == 645.5
     nnz = report["params"]["sparse_indices"]
     assert report["bytes"]["sparse_indices"] == 4 * nnz  # int32: half the published int64 code
