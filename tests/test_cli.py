@@ -1,5 +1,6 @@
 """The command line as a user meets it: bad input gives one line, no traceback, exit 2."""
 
+import importlib.util
 import json
 import shutil
 from types import SimpleNamespace
@@ -119,6 +120,12 @@ def test_example_config_is_the_default_run():
     assert cfg.to_dict() == {**default.to_dict(), "method": cfg.method.model_dump()}
     assert (cfg.rank, cfg.lora_alpha, cfg.density) == (default.rank, default.lora_alpha, default.density)
     assert (default.rank, default.lora_alpha, default.density) == tuple(written.values())
+    # The robustness benchmark's grid knows which of its runs is the default run.
+    spec = importlib.util.spec_from_file_location("default_run", example.parents[1] / "benchmarks"
+                                                  / "default_run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.DEFAULT_LR == default.optimizer.lr and default.optimizer.lr in bench.SLTRAIN_LRS
 
 
 def _train_help(capsys, monkeypatch) -> str:
