@@ -201,7 +201,7 @@ def test_grid_holds_the_published_rate_log_spaced():
     ("seq-len = 8", "", "--seq-len cannot differ in the tuning runs"),
     ("lr = 1e-2", "", "--lr cannot differ in the tuning runs"),
     ("eval-batches = 0", "", "train.eval_batches = 0"),
-    ("", '[runs.x]\nmethod = "full"\nlr-grid = [1e-2, 2e-2]', "does not bracket the run's lr 0.003"),
+    ("", '[runs.x]\nmethod = "full"\nlr = 3e-3\nlr-grid = [1e-2, 2e-2]', "does not bracket the run's lr 0.003"),
     ("", '[runs.x]\nmethod = "full"\nlr-grid = [1e-2]', "must list two or more positive rates"),
     ("", '[runs.x]\nmethod = "full"\nval-slice = "tune"', "val-slice is the tuning stage's"),
     ("", '[runs.x]\nmethod = "full"\ntune = 3', "tune = 3 must be a table of flags"),
