@@ -3,30 +3,11 @@
 import importlib.util
 import json
 import shutil
-from types import SimpleNamespace
 
 import pytest
+from conftest import assert_one_line_error, sltrain
 
-from sltrain.cli import main
 from sltrain.data.corpus import embedded_path
-
-
-def run(capsys, *args):
-    """`sltrain ARGS` in this process: the same `main` a process runs (test_bad_inputs.py checks
-    the process-level contract: exit status 2 and no traceback on stderr, in a real process)."""
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith("sltrain: error: ")
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def tiny_flags(tmp_path, data):
@@ -56,15 +37,15 @@ def tiny_flags(tmp_path, data):
     ],
 )
 def test_bad_values(tmp_path, flags, needles, capsys):
-    assert_one_line_error(run(capsys, "train", "--out-dir", str(tmp_path / "r"), *flags), *needles)
+    assert_one_line_error(capsys, sltrain("train", "--out-dir", str(tmp_path / "r"), *flags), *needles)
     assert not (tmp_path / "r").exists()  # nothing is left behind by a run that never started
 
 
 def test_missing_and_empty_data_files(tmp_path, capsys):
-    assert_one_line_error(run(capsys, "train", "--data", str(tmp_path / "none.jsonl")), "does not exist")
+    assert_one_line_error(capsys, sltrain("train", "--data", str(tmp_path / "none.jsonl")), "does not exist")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert_one_line_error(run(capsys, "train", "--data", str(empty)), "holds no text")
+    assert_one_line_error(capsys, sltrain("train", "--data", str(empty)), "holds no text")
 
 
 def test_corrupt_corpus_checksum(tmp_path, capsys):
@@ -73,36 +54,39 @@ def test_corrupt_corpus_checksum(tmp_path, capsys):
     data[-100] ^= 0x01
     corrupt.write_bytes(bytes(data))
     shutil.copy(str(embedded_path()) + ".sha256", str(corrupt) + ".sha256")
-    assert_one_line_error(run(capsys, "train", "--data", str(corrupt)), "corrupt", "sha256")
+    assert_one_line_error(capsys, sltrain("train", "--data", str(corrupt)), "corrupt", "sha256")
 
 
 def test_bad_config_files(tmp_path, capsys):
-    assert_one_line_error(run(capsys, "train", "--config", str(tmp_path / "x.toml")), "does not exist")
+    assert_one_line_error(capsys, sltrain("train", "--config", str(tmp_path / "x.toml")), "does not exist")
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\nsteps = 3")
-    assert_one_line_error(run(capsys, "train", "--config", str(bad)), "cannot be parsed")
+    assert_one_line_error(capsys, sltrain("train", "--config", str(bad)), "cannot be parsed")
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("train:\n  stepz: 3\n")
-    assert_one_line_error(run(capsys, "train", "--config", str(unknown)), "unknown config key 'train.stepz'")
+    assert_one_line_error(capsys, sltrain("train", "--config", str(unknown)),
+                          "unknown config key 'train.stepz'")
 
 
 def test_train_from_config_file_then_resume_from_checkpoint(tmp_path, small_corpus, capsys):
     config = tmp_path / "run.toml"
     config.write_text('[method]\nname = "sltrain"\n[train]\nsteps = 6\nsave_every = 3\n'
                       "eval_every = 3\n")
-    proc = run(capsys, "train", "--config", str(config), *tiny_flags(tmp_path, small_corpus))
-    assert proc.returncode == 0, proc.stderr
-    assert "perplexity" in proc.stdout and "sparse" in proc.stdout
+    code = sltrain("train", "--config", config, *tiny_flags(tmp_path, small_corpus))
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "perplexity" in out.out and "sparse" in out.out
     run_dir = tmp_path / "run"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 6 and summary["method"] == "sltrain"
     # continue the finished run for 4 more steps from its newest checkpoint
-    proc = run(capsys, "train", "--resume", str(run_dir), "--steps", "10", "--progress", "false")
-    assert proc.returncode == 0, proc.stderr
+    code = sltrain("train", "--resume", run_dir, "--steps", "10", "--progress", "false")
+    err = capsys.readouterr().err
+    assert code == 0, err
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 10
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))
-    assert_one_line_error(run(capsys, "train", "--resume", str(run_dir), "--rank", "8"), "method.rank")
+    assert_one_line_error(capsys, sltrain("train", "--resume", str(run_dir), "--rank", "8"), "method.rank")
 
 
 def test_example_config_is_the_default_run():
@@ -125,7 +109,7 @@ def test_example_config_is_the_default_run():
                                                   / "default_run.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.DEFAULT_LR == default.optimizer.lr and default.optimizer.lr in bench.SLTRAIN_LRS
+    assert bench.DEFAULT_LR == default.optimizer.lr in bench.SLTRAIN_LRS
 
 
 def _train_help(capsys, monkeypatch) -> str:

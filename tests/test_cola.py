@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import LiveGradients, assert_one_line_error
+from conftest import LiveGradients, assert_one_line_error, sltrain
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from sltrain.cli import main
 from sltrain.config import load_config
 from sltrain.errors import UserError
 from sltrain.measure import count_parameters, estimate_memory, measure_memory
@@ -25,10 +24,6 @@ from sltrain.train import prune, train
 METHODS = ["cola", "cola_m"]
 TINY = {"model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "model.ffn_dim": 128,
         "model.vocab_size": 256, "method.rank": 16, "data.seq_len": 16}
-
-
-def sltrain(*args):
-    return main([str(a) for a in args])
 
 
 def pair(in_features=40, out_features=24, rank=6, dtype=torch.float64):

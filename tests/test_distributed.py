@@ -18,8 +18,12 @@ from sltrain.train.distributed import World, check
 RTOL = 1e-5
 
 
+def metrics(run_dir):
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run_dir):
-    return [json.loads(ln)["loss"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in metrics(run_dir)]
 
 
 def as_flags(overrides):
@@ -39,10 +43,6 @@ def torchrun(overrides, nproc=2):
 @pytest.fixture
 def base(tiny):
     return {**tiny, "train.steps": 8, "train.eval_every": 4, "train.grad_accum": 2}
-
-
-def metrics(run_dir):
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # One launch per strategy covers what must agree across processes: the gradient reduction, the

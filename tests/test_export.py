@@ -4,18 +4,13 @@ import json
 
 import pytest
 import torch
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, sltrain
 
-from sltrain.cli import main
 from sltrain.config import load_config
 from sltrain.run.folder import load_run_model, run_tokenizer
 from sltrain.train import train
 
 transformers = pytest.importorskip("transformers")
-
-
-def sltrain(*args):
-    return main([str(a) for a in args])
 
 
 

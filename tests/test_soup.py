@@ -5,9 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, sltrain
 
-from sltrain.cli import main
 from sltrain.config import load_config
 from sltrain.model import build_model
 from sltrain.parametrize import merge
@@ -15,10 +14,6 @@ from sltrain.parametrize.sltrain import SparseLowRankLinear
 from sltrain.run.checkpoint import list_checkpoints
 from sltrain.run.folder import load_run_model
 from sltrain.train import train
-
-
-def sltrain(*args):
-    return main([str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
