@@ -1,13 +1,16 @@
 import copy
+import gc
 import json
 import os
 import signal
+import threading
 
 import pytest
 import torch
 
 from sltrain.config import load_config, resume_config
 from sltrain.errors import UserError
+from sltrain.measure import PeakMemory
 from sltrain.train import train
 from sltrain.train.trainer import Trainer
 
@@ -161,3 +164,36 @@ def test_a_checkpoint_missing_a_part_is_refused_in_one_line(tiny, tmp_path):
     torch.save(state, state_file)
     with pytest.raises(UserError, match=r"step_0000002 lacks sampler; it is damaged"):
         train(resume_config(run, {}), run_dir=run, resume=run)
+
+
+def test_no_memory_sampler_outlives_its_run(tiny, tmp_path):
+    """The CPU peak's RSS sampler wakes every 2 ms: one left running by a failed, interrupted or
+    dropped run takes the interpreter's lock from every later run in the process."""
+    def new_samplers(wait=True):
+        alive = [t for t in threading.enumerate()
+                 if t.name == PeakMemory.THREAD_NAME and t.ident not in before]
+        for t in alive if wait else ():
+            t.join(timeout=5)
+        return [t for t in alive if t.is_alive()]
+
+    before = {t.ident for t in threading.enumerate()}
+    cfg = load_config(None, {**tiny, "train.steps": 2, "train.eval_every": 0})
+    train(cfg)
+    assert not new_samplers()
+
+    def fail(step, record):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):  # a run that fails mid-loop
+        train(load_config(None, {**tiny, "train.out_dir": str(tmp_path / "b")}), on_step=fail)
+    assert not new_samplers()
+    run = tmp_path / "run"  # a resume that fails after the sampler started (a damaged checkpoint)
+    (run / "checkpoints" / "step_0000002" / "training_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError):
+        train(resume_config(run, {}), run_dir=run, resume=run)
+    assert not new_samplers()
+    trainer = Trainer(load_config(None, {**tiny, "train.out_dir": str(tmp_path / "c")}))
+    assert trainer.train_step() is not None and len(new_samplers(wait=False)) == 1
+    del trainer  # built and dropped without a summary
+    gc.collect()
+    assert not new_samplers()

@@ -10,6 +10,7 @@ import os
 import resource
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -160,7 +161,13 @@ class PeakMemory:
     gradients, optimizer states and activations. Large tensors are mmapped by the allocator and
     returned on free, so the sampled RSS follows the live tensor bytes. Where /proc is missing it
     falls back to the process's peak RSS (ru_maxrss).
+
+    The sampler ends with `stop()` or `result()`, or once this object is garbage: a run that
+    fails or is dropped before its summary leaves no thread behind (each one left waking 500
+    times a second would take the interpreter's lock from every later run in the process).
     """
+
+    THREAD_NAME = "sltrain-peak-rss"
 
     def __init__(self, device: torch.device, interval_s: float = 0.002) -> None:
         self.device, self.interval_s = device, interval_s
@@ -173,12 +180,18 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
         elif rss_bytes():
             self.baseline = self.peak = rss_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
+            # The thread holds a weak reference only, so that dropping this object ends it.
+            self._thread = threading.Thread(target=_sample, name=self.THREAD_NAME, daemon=True,
+                                            args=(weakref.ref(self), self._stop, self.interval_s))
             self._thread.start()
+            weakref.finalize(self, self._stop.set)
         return self
 
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s):
+    def stop(self) -> None:
+        """End the sampler (idempotent); the peak keeps what it saw."""
+        if self._thread is not None and not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
             self.peak = max(self.peak, rss_bytes())
 
     def result(self) -> tuple[int, str]:
@@ -188,7 +201,14 @@ class PeakMemory:
         if self._thread is None:
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             return rss * (1 if sys.platform == "darwin" else 1024), "cpu_peak_rss"
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self.stop()
         return self.peak - self.baseline, "cpu_peak_rss_above_baseline"
+
+
+def _sample(owner: weakref.ref[PeakMemory], stop: threading.Event, interval_s: float) -> None:
+    while not stop.wait(interval_s):
+        peak = owner()
+        if peak is None:
+            return
+        peak.peak = max(peak.peak, rss_bytes())
+        del peak  # no strong reference while waiting

@@ -197,16 +197,20 @@ class Trainer:
         self._build_data(ckpt, init_from)
         # The peak is measured from here on: model, gradients, optimizer states and activations.
         self.peak_memory = PeakMemory(self.device).start()
-        self._build_model(init_from)
-        self.state = self._train_state()
-        if ckpt:
-            self.load_checkpoint(ckpt)
-        self.params = count_parameters(self.raw_model)  # trainable as of the (resumed) step
-        self._measure_compute()
-        self.loggers = (MetricLoggers(run_dir, cfg, self.state.counters.step if ckpt else None)
-                        if self.world.main else None)
-        if ckpt and self.world.main:  # a resume that fails on a damaged checkpoint or log keeps it
-            write_run_config(run_dir, cfg, derived=_derived(cfg))
+        try:
+            self._build_model(init_from)
+            self.state = self._train_state()
+            if ckpt:
+                self.load_checkpoint(ckpt)
+            self.params = count_parameters(self.raw_model)  # trainable as of the (resumed) step
+            self._measure_compute()
+            self.loggers = (MetricLoggers(run_dir, cfg, self.state.counters.step if ckpt else None)
+                            if self.world.main else None)
+            if ckpt and self.world.main:  # a resume that fails on a damaged checkpoint or log keeps it
+                write_run_config(run_dir, cfg, derived=_derived(cfg))
+        except BaseException:
+            self.peak_memory.stop()  # a failed start leaves no sampler behind
+            raise
         self.last_eval: dict[str, float] = {}
         self.eval_step = -1
         self.step_time, self.step_tokens = 0.0, 0  # this invocation's update steps only
@@ -448,9 +452,19 @@ class Trainer:
         tc, c, world = self.cfg.train, self.state.counters, self.world
         bar = tqdm(total=tc.steps, initial=c.step, disable=not (tc.progress and world.main),
                    unit="step", dynamic_ncols=True, desc=f"{self.cfg.method.name}")
-        interrupted = None
         c.start_clock()
         self.model.train()
+        try:
+            final_ckpt, interrupted = self._loop(bar, on_step)
+        except BaseException:
+            self.peak_memory.stop()
+            raise
+        return self._summary(final_ckpt, interrupted)
+
+    def _loop(self, bar: tqdm, on_step: Callable[[int, dict[str, Any]], None] | None
+              ) -> tuple[Path, str | None]:
+        tc, c, world = self.cfg.train, self.state.counters, self.world
+        interrupted = None
         with _StopFlag() as stop:
             while c.step < tc.steps:
                 record = self.train_step()
@@ -472,8 +486,7 @@ class Trainer:
                     interrupted = signal.Signals(stop.signal or signal.SIGTERM).name
                     break
             bar.close()
-            final_ckpt = self.save_checkpoint()
-        return self._summary(final_ckpt, interrupted)
+            return self.save_checkpoint(), interrupted
 
     def _summary(self, final_ckpt: Path, interrupted: str | None) -> dict[str, Any]:
         cfg, c = self.cfg, self.state.counters
