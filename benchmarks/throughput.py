@@ -6,11 +6,12 @@ dense, and the SLTrain layer against its compute limit; on CUDA also llama-60m/3
     python benchmarks/throughput.py --quick         # a small check that every part runs
 
 Every model trains on the same random tokens with full logits, the same loss (float32
-cross-entropy), clipping and AdamW; transformers' model runs SDPA attention from a local config
-(nothing is downloaded). Rounds alternate the order of the variants; tokens/s is the median of
-the rounds, the warm-up (and so compilation) excluded. The SLTrain layer's forward + backward is
-timed against a dense nn.Linear's: its compute limit is 1 + 4r/(3T) of dense (the dense 6 T m n
-plus 8 m n r to compose W in forward and backward and form both factor gradients).
+cross-entropy; compiled in the +compile variants, as train.compile compiles it), clipping and
+AdamW; transformers' model runs SDPA attention from a local config (nothing is downloaded).
+Rounds alternate the order of the variants; tokens/s is the median of the rounds, the warm-up
+(and so compilation) excluded. The SLTrain layer's forward + backward is timed against a dense
+nn.Linear's: its compute limit is 1 + 4r/(3T) of dense (the dense 6 T m n plus 8 m n r to
+compose W in forward and backward and form both factor gradients).
 """
 
 from __future__ import annotations
@@ -81,15 +82,18 @@ def transformers_llama(cfg, device: torch.device) -> tuple[torch.nn.Module, torc
     return model, AdamW(params, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps, **kernel(params))
 
 
-def train_step(model, opt, x: torch.Tensor, autocast, hf: bool) -> Callable[[], None]:
-    from sltrain.measure.loss import lm_loss
+def train_step(model, opt, x: torch.Tensor, autocast, hf: bool, compiled: bool) -> Callable[[], None]:
+    """One step as the trainer takes it; `compiled`: the loss compiled too, as `train.compile`
+    compiles it."""
+    from sltrain.train.losses import TrainingLoss
 
     params = [p for p in model.parameters() if p.requires_grad]
+    loss_fn = TrainingLoss("cross_entropy", compile=compiled)
 
     def step() -> None:
         with autocast:
             out = model(input_ids=x[:, :-1]) if hf else model(x[:, :-1])
-        lm_loss(out.logits if hf else out, x[:, 1:]).backward()
+        loss_fn(out.logits if hf else out, x[:, 1:]).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -98,14 +102,17 @@ def train_step(model, opt, x: torch.Tensor, autocast, hf: bool) -> Callable[[], 
 
 def build_variants(preset: str, names: list[str], args, device: torch.device) -> dict[str, dict]:
     """label -> {"step", "flops_per_token"} for "full", "full+compile", "transformers", ...:
-    a method name, "+compile" for our compiled blocks."""
+    a method name; "+compile" for `train.compile` (compiled blocks and loss), "+compile-blocks"
+    for the blocks alone (the loss eager: what compiling the loss adds)."""
     from sltrain.device import autocast_for
     from sltrain.measure.flops import model_flops
     from sltrain.model import build_model
 
     variants = {}
     for name in names:
-        method, compiled = name.removesuffix("+compile"), name.endswith("+compile")
+        method, _, compiled = name.partition("+")
+        if compiled not in ("", "compile", "compile-blocks"):
+            raise SystemExit(f"unknown variant {name!r}: a method, +compile or +compile-blocks")
         cfg = run_config(preset, "full" if method == "transformers" else method, args.seq_len,
                          args.precision, str(device))
         vocab = cfg.model_dims()["vocab_size"]
@@ -113,8 +120,8 @@ def build_variants(preset: str, names: list[str], args, device: torch.device) ->
         x = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), generator=g).to(device)
         flops = model_flops(build_model(cfg, device="meta"), args.seq_len, args.batch_size)["train"]
         hf = method == "transformers"
-        model, opt = transformers_llama(cfg, device) if hf else ours(cfg, device, compiled)
-        step = train_step(model, opt, x, autocast_for(cfg, device), hf)
+        model, opt = transformers_llama(cfg, device) if hf else ours(cfg, device, bool(compiled))
+        step = train_step(model, opt, x, autocast_for(cfg, device), hf, compiled == "compile")
         for _ in range(args.warmup):  # compilation happens here, outside the timed rounds
             step()
         sync(device)
@@ -230,13 +237,16 @@ def goals(cpu: dict, layers: list[dict], gpu: dict, quick: bool) -> dict[str, di
     return out
 
 
+def names(rows: dict[str, dict]) -> list[str]:
+    return [label for label in rows if not label.startswith("_")]
+
+
 def table(rows: dict[str, dict], reference: str) -> list[str]:
     ref = rows[reference]["tok_per_s"]
     lines = ["| variant | params | tokens/s | vs " + reference + " | model FLOP/s | MFU |",
              "|---|---|---|---|---|---|"]
-    for label, r in rows.items():
-        if label.startswith("_"):
-            continue
+    for label in names(rows):
+        r = rows[label]
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "–"
         lines.append(f"| {label} | {r['params'] / 1e6:.2f}M | {r['tok_per_s']:.0f} | "
                      f"{r['tok_per_s'] / ref:.3f}x | {r['flops_per_s'] / 1e9:.2f} GFLOP/s | {mfu} |")
@@ -247,7 +257,7 @@ def report(result: dict) -> str:
     s = result["setup"]
     out = [f"## {s['preset']}, {s['batch_size']} x {s['seq_len']} tokens a step, {s['precision']}, "
            f"median of {s['rounds']} rounds of {s['steps']} steps", "",
-           *table(result["cpu"], "full"), ""]
+           *table(result["cpu"], "full" if "full" in result["cpu"] else names(result["cpu"])[0]), ""]
     if result["layers"]:
         out += ["## The SLTrain layer against dense nn.Linear (float32, forward + backward)", "",
                 "| shape | part | in x out | rank | T | dense ms | SLTrain ms | ratio | limit "
@@ -278,7 +288,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--precision", default="auto", help="fp32 on CPU, bf16-mixed on CUDA by default")
     ap.add_argument("--variants", default="full,full+compile,transformers,sltrain,sltrain+compile,"
-                    "lowrank,cola", help="our methods, +compile, and transformers")
+                    "lowrank,cola",
+                    help="our methods, +compile (blocks and loss), +compile-blocks, and transformers")
     ap.add_argument("--layer-shapes", default="60m,350m,1b", help="'' skips the layer timing")
     ap.add_argument("--layer-tokens", type=int, default=4096, help="T, tokens per micro-batch")
     ap.add_argument("--layer-reps", type=int, default=5)

@@ -15,10 +15,11 @@ from torch._dynamo.utils import counters
 import sltrain.train.compile as compile_module
 from sltrain.config import load_config, resume_config
 from sltrain.model import build_model
+from sltrain.registry import LOSSES
 from sltrain.train import train
 from sltrain.train.checkpointing import apply_activation_checkpointing
 from sltrain.train.compile import compile_blocks
-from sltrain.train.losses import cross_entropy
+from sltrain.train.losses import IGNORE_INDEX, TrainingLoss, cross_entropy
 
 METHODS = ["full", "sltrain", "lowrank", "lost", "relora", "sparse", "cola", "cola_m"]
 
@@ -35,11 +36,11 @@ def small(tiny):
     return {**tiny, "model.n_layers": 1, "train.eval_every": 0}
 
 
-def step(model, x, autocast):
+def step(model, x, autocast, loss_fn=cross_entropy):
     """One training step's forward and backward; returns the loss and the gradients."""
     with autocast:
         logits = model(x[:, :-1])
-    loss = cross_entropy(logits, x[:, 1:])
+    loss = loss_fn(logits, x[:, 1:])
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -71,9 +72,33 @@ def test_a_compiled_step_equals_the_eager_one(small, method, precision):
         torch.testing.assert_close(got[name], want[name], **tol, msg=name)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sample"])  # "sample": reweighting's input
+@pytest.mark.parametrize("name", sorted(LOSSES.names()))
+def test_a_compiled_loss_equals_the_eager_one(aot_eager, name, reduction):
+    """train.compile compiles the loss on the logits too: one graph, the same value and the same
+    gradient of the logits, ignored targets included."""
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(2, 16, 64, generator=g)).to(torch.bfloat16)  # cast inside the loss
+    targets = torch.randint(0, 64, (2, 16), generator=g)
+    targets[1, :5] = IGNORE_INDEX
+    torch._dynamo.reset()
+    counters.clear()
+    results = []
+    for compile in (False, True):
+        loss_fn = TrainingLoss(name, compile=compile)
+        x = logits.clone().requires_grad_()
+        loss = loss_fn(x, targets, reduction)
+        loss.sum().backward()
+        results.append((loss.detach(), x.grad))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    (want, want_grad), (got, got_grad) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-2, atol=1e-4)  # bf16 gradients
+
+
 def test_inductor_computes_what_eager_does(small):
     """Inductor's C++ kernels, the default backend (the costly test: one C++ build of a block's
-    forward and backward; cached by Inductor for later runs)."""
+    forward and backward, and of the loss's; cached by Inductor for later runs)."""
     cfg = load_config(None, {**small, "method.name": "sltrain"})
     eager = build_model(cfg)
     compiled = build_model(cfg)
@@ -82,7 +107,8 @@ def test_inductor_computes_what_eager_does(small):
     compile_blocks(compiled)
     x = torch.randint(0, 512, (4, 33), generator=torch.Generator().manual_seed(1))
     off = torch.autocast("cpu", enabled=False)
-    (want_loss, want), (got_loss, got) = step(eager, x, off), step(compiled, x, off)
+    (want_loss, want) = step(eager, x, off)
+    (got_loss, got) = step(compiled, x, off, TrainingLoss("cross_entropy", compile=True))
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)

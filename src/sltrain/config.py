@@ -227,8 +227,9 @@ class TrainConfig(_Section):
     # Recompute block activations in the backward instead of keeping them: "none", "full" (every
     # block) or "every:K" (every K-th block); see sltrain/train/checkpointing.py.
     activation_checkpointing: str = "none"
-    # torch.compile each decoder block (sltrain/train/compile.py): Inductor's fused kernels on CPU
-    # and CUDA, compiled during the first steps (and again for evaluation's no-grad forward).
+    # torch.compile each decoder block and the loss on the logits (sltrain/train/compile.py):
+    # Inductor's fused kernels on CPU and CUDA, compiled during the first steps (and again for
+    # evaluation's no-grad forward).
     compile: bool = False
 
     @field_validator("activation_checkpointing")

@@ -1,4 +1,5 @@
-"""torch.compile of each decoder block (`train.compile`), as torchtitan compiles each block.
+"""torch.compile of each decoder block (`train.compile`), as torchtitan compiles each block, and
+of the loss on the logits.
 
 "PyTorch 2: Faster Machine Learning Through Dynamic Python Bytecode Transformation and Graph
 Compilation" (Ansel et al., ASPLOS 2024): TorchDynamo captures a block's forward (and, through
@@ -7,6 +8,8 @@ CPU, Triton on CUDA). Every block has the same code, so one compilation serves t
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch._dynamo
@@ -42,3 +45,12 @@ def compile_blocks(model: nn.Module, backend: str | None = None, fullgraph: bool
                                       fullgraph=fullgraph)
     return len(blocks)
 
+
+def compile_loss(fn: Callable[..., torch.Tensor], backend: str | None = None) -> Callable[..., torch.Tensor]:
+    """`fn(logits, targets, reduction, **options)` compiled. Inductor fuses the float32 cast,
+    log-softmax and target gather over the (tokens, vocab) logits, and the backward's softmax -
+    onehot, into fewer passes than eager's kernels make, without eager's zero-filled gradient of
+    the logits' size (the largest tensors of a small model's step: 4096 x 8192 floats at
+    llama-cpu; docs/results/throughput.md measures it). The built-in losses compile as one graph
+    each (the tests check); a plugin's loss that breaks the graph still runs, partly eager."""
+    return torch.compile(fn, backend=backend or BACKEND)

@@ -241,13 +241,17 @@ class TrainingLoss:
 
     def __init__(self, name: str, grad_accum: int = 1,
                  reweighter: SampleReweighter | None = None, chunk_tokens: int = 0,
-                 **options: Any) -> None:
+                 compile: bool = False, **options: Any) -> None:
         self.name = name
         self.options = options
         self.reweighter = reweighter
         self.chunk_tokens = chunk_tokens
         self.step = 0
         self._fn = LOSSES[name].obj
+        if compile and not self.chunked:  # `train.compile`: the loss on whole logits, compiled
+            from sltrain.train.compile import compile_loss
+
+            self._fn = compile_loss(self._fn)
         self._ce: deque[torch.Tensor] = deque(maxlen=grad_accum)  # on the device: read per step
 
     @property
@@ -308,4 +312,4 @@ def build_loss(cfg: RunConfig, world: World | None = None) -> TrainingLoss:
         reweighter = SampleReweighter(lc.reweight, lc.reweight_temperature, lc.reweight_delta,
                                       lc.reweight_warmup_steps, world)
     return TrainingLoss(lc.name, cfg.train.grad_accum, reweighter, lc.chunk_tokens,
-                        **loss_options(cfg))
+                        cfg.train.compile, **loss_options(cfg))
