@@ -10,8 +10,9 @@ cross-entropy; compiled in the +compile variants, as train.compile compiles it),
 AdamW; transformers' model runs SDPA attention from a local config (nothing is downloaded).
 Rounds alternate the order of the variants; tokens/s is the median of the rounds, the warm-up
 (and so compilation) excluded. The SLTrain layer's forward + backward is timed against a dense
-nn.Linear's: its compute limit is 1 + 4r/(3T) of dense (the dense 6 T m n plus 8 m n r to
-compose W in forward and backward and form both factor gradients).
+nn.Linear's, the two back to back at each repetition (the ratio: the median of the pairs'); its
+compute limit is 1 + 4r/(3T) of dense (the dense 6 T m n plus 8 m n r to compose W in forward
+and backward and form both factor gradients).
 """
 
 from __future__ import annotations
@@ -168,9 +169,9 @@ def model_rows(preset: str, names: list[str], args, device: torch.device) -> dic
 
 
 def fwd_bwd_seconds(layers: list[torch.nn.Module], x: torch.Tensor, reps: int,
-                    device: torch.device) -> list[float]:
-    """Median seconds of each layer's forward and backward (input and weight gradients), the
-    layers taking turns so that a noisy machine's drift hits them alike."""
+                    device: torch.device) -> list[list[float]]:
+    """Seconds of each layer's forward and backward (input and weight gradients) at each of
+    `reps` repetitions, the layers taking turns so that a noisy machine's drift hits them alike."""
     g = torch.randn(x.shape[0], layers[0].out_features, device=device)
     times: list[list[float]] = [[] for _ in layers]
     for i in range(reps + 2):
@@ -183,7 +184,7 @@ def fwd_bwd_seconds(layers: list[torch.nn.Module], x: torch.Tensor, reps: int,
             sync(device)
             if i >= 2:  # two warm-up calls each
                 t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    return times
 
 
 def layer_rows(shapes: list[str], tokens: int, reps: int, device: torch.device) -> list[dict]:
@@ -201,13 +202,17 @@ def layer_rows(shapes: list[str], tokens: int, reps: int, device: torch.device) 
             sl = SparseLowRankLinear(n_in, n_out, rank, lora_alpha=32, density=0.03, device=device)
             torch.nn.init.normal_(sl.B, std=0.02)
             x = torch.randn(tokens, n_in, device=device, requires_grad=True)
-            t_dense, t_sl = fwd_bwd_seconds([dense, sl], x, reps, device)
+            dense_s, sl_s = fwd_bwd_seconds([dense, sl], x, reps, device)
+            # The ratio of each repetition's pair (run back to back), then the median: drift
+            # between repetitions cancels, where a ratio of the two medians keeps it.
+            ratio = statistics.median(b / a for a, b in zip(dense_s, sl_s, strict=True))
             limit = 1 + 4 * rank / (3 * tokens)
             rows.append({"shape": size, "part": part, "in": n_in, "out": n_out, "rank": rank,
-                         "tokens": tokens, "dense_s": t_dense, "sltrain_s": t_sl,
-                         "ratio": t_sl / t_dense, "limit": limit,
-                         "ratio_vs_limit": t_sl / t_dense / limit})
-            print(f"layer {size} {part}: {t_sl / t_dense:.3f}x dense (limit {limit:.3f})", flush=True)
+                         "tokens": tokens, "dense_s": statistics.median(dense_s),
+                         "sltrain_s": statistics.median(sl_s), "ratio": ratio,
+                         "pair_ratios": [b / a for a, b in zip(dense_s, sl_s, strict=True)],
+                         "limit": limit, "ratio_vs_limit": ratio / limit})
+            print(f"layer {size} {part}: {ratio:.3f}x dense (limit {limit:.3f})", flush=True)
     return rows
 
 
@@ -292,7 +297,7 @@ def parse_args() -> argparse.Namespace:
                     help="our methods, +compile (blocks and loss), +compile-blocks, and transformers")
     ap.add_argument("--layer-shapes", default="60m,350m,1b", help="'' skips the layer timing")
     ap.add_argument("--layer-tokens", type=int, default=4096, help="T, tokens per micro-batch")
-    ap.add_argument("--layer-reps", type=int, default=5)
+    ap.add_argument("--layer-reps", type=int, default=9)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true",
                     help="a small check that every part runs (not a measurement)")
