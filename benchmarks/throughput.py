@@ -205,13 +205,13 @@ def layer_rows(shapes: list[str], tokens: int, reps: int, device: torch.device) 
             dense_s, sl_s = fwd_bwd_seconds([dense, sl], x, reps, device)
             # The ratio of each repetition's pair (run back to back), then the median: drift
             # between repetitions cancels, where a ratio of the two medians keeps it.
-            ratio = statistics.median(b / a for a, b in zip(dense_s, sl_s, strict=True))
+            pairs = [b / a for a, b in zip(dense_s, sl_s, strict=True)]
+            ratio = statistics.median(pairs)
             limit = 1 + 4 * rank / (3 * tokens)
             rows.append({"shape": size, "part": part, "in": n_in, "out": n_out, "rank": rank,
                          "tokens": tokens, "dense_s": statistics.median(dense_s),
                          "sltrain_s": statistics.median(sl_s), "ratio": ratio,
-                         "pair_ratios": [b / a for a, b in zip(dense_s, sl_s, strict=True)],
-                         "limit": limit, "ratio_vs_limit": ratio / limit})
+                         "pair_ratios": pairs, "limit": limit, "ratio_vs_limit": ratio / limit})
             print(f"layer {size} {part}: {ratio:.3f}x dense (limit {limit:.3f})", flush=True)
     return rows
 
